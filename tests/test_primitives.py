@@ -1,0 +1,216 @@
+"""Each hand-written V4 primitive against an independent numpy formula or a spec invariant."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from v4jax.attention.compressor import pool_blocks, visible_entries
+from v4jax.attention.core import attention_reference, topk_to_mask
+from v4jax.attention.indexer import select_topk
+from v4jax.config import RopeSpec, preset
+from v4jax.hyper_connection import expand, sinkhorn
+from v4jax.layers.rope import apply_rope, inv_freq
+from v4jax.moe.experts import experts_dense, experts_ragged
+from v4jax.moe.router import affinity, gate_weights, sequence_balance_stats
+
+
+# ---------------------------------------------------------------- mHC / Sinkhorn (techniques 6.1-6.5)
+@pytest.mark.parametrize("s", [0.1, 1.0, 3.0, 10.0])
+def test_sinkhorn_doubly_stochastic(s, rng):
+    p = np.asarray(sinkhorn(jnp.asarray(rng.normal(0, s, (64, 4, 4)), jnp.float32), 20, 1e-6))
+    assert (p >= 0).all()
+    assert np.abs(p.sum(-2) - 1).max() < 1e-5          # last step normalises columns
+    if s <= 1.0:
+        assert np.abs(p.sum(-1) - 1).max() < 2e-3      # rows only approximately
+
+
+def test_sinkhorn_matches_numpy_loop(rng):
+    x = rng.normal(0, 2, (4, 4))
+    p = np.exp(x - x.max(-1, keepdims=True)); p = p / p.sum(-1, keepdims=True) + 1e-6
+    p = p / (p.sum(0, keepdims=True) + 1e-6)
+    for _ in range(19):
+        p = p / (p.sum(1, keepdims=True) + 1e-6)
+        p = p / (p.sum(0, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(np.asarray(sinkhorn(jnp.asarray(x, jnp.float32), 20, 1e-6)), p, rtol=1e-5, atol=1e-6)
+
+
+def test_sinkhorn_zero_logits_uniform():
+    p = np.asarray(sinkhorn(jnp.zeros((4, 4)), 20, 1e-6))
+    np.testing.assert_allclose(p, 0.25, atol=1e-6)
+
+
+def test_mix_direction_and_identical_streams(rng):
+    comb = sinkhorn(jnp.asarray(rng.normal(0, 2, (1, 1, 4, 4)), jnp.float32), 20, 1e-6)
+    x = jnp.asarray(rng.normal(size=(1, 1, 4, 8)), jnp.float32)
+    y = jnp.zeros((1, 1, 8))
+    out = np.asarray(expand(x, y, jnp.zeros((1, 1, 4)), comb))
+    # X'[b] = sum_a comb[a, b] X[a]  (transposed mix)
+    np.testing.assert_allclose(out[0, 0], np.asarray(comb[0, 0]).T @ np.asarray(x[0, 0]), rtol=1e-5, atol=1e-6)
+    same = jnp.broadcast_to(x[:, :, :1], x.shape)
+    np.testing.assert_allclose(np.asarray(expand(same, y, jnp.zeros((1, 1, 4)), comb)), np.asarray(same), atol=1e-5)
+
+
+# ---------------------------------------------------------------- RoPE (spec 2)
+def test_yarn_correction_range_matches_spec():
+    spec = preset("flash").rope("csa")
+    f = np.asarray(inv_freq(spec))
+    base = 1.0 / (160000.0 ** (np.arange(0, 64, 2) / 64))
+    # spec: lo = 15, hi = 25; pairs below lo keep f, pairs at/after hi get f / 16
+    np.testing.assert_allclose(f[:15], base[:15], rtol=1e-6)
+    np.testing.assert_allclose(f[25:], base[25:] / 16, rtol=1e-6)
+    ramp = (np.arange(32) - 15) / 10
+    np.testing.assert_allclose(f[15:25], base[15:25] * (1 - ramp[15:25]) + base[15:25] / 16 * ramp[15:25], rtol=1e-5)
+    assert np.allclose(np.asarray(inv_freq(preset("flash").rope("window"))), 1.0 / (1e4 ** (np.arange(0, 64, 2) / 64)))
+
+
+def test_rope_interleaved_trailing_and_inverse(rng):
+    spec = RopeSpec(rope_dim=8, theta=10000.0)
+    x = jnp.asarray(rng.normal(size=(1, 5, 2, 16)), jnp.float32)
+    pos = jnp.arange(5) + 3
+    y = apply_rope(x, pos, spec)
+    np.testing.assert_array_equal(np.asarray(y[..., :8]), np.asarray(x[..., :8]))
+    # pair j of the trailing slice rotates by pos * theta^(-2j/r), GPT-J interleaved
+    j, t = 2, 4
+    a = (t + 3) * 10000.0 ** (-2 * j / 8)
+    x0, x1 = float(x[0, t, 1, 8 + 2 * j]), float(x[0, t, 1, 9 + 2 * j])
+    assert np.isclose(float(y[0, t, 1, 8 + 2 * j]), x0 * math.cos(a) - x1 * math.sin(a), atol=1e-5)
+    assert np.isclose(float(y[0, t, 1, 9 + 2 * j]), x0 * math.sin(a) + x1 * math.cos(a), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(apply_rope(y, pos, spec, inverse=True)), np.asarray(x), atol=1e-5)
+
+
+def test_rope_dot_product_is_relative(rng):
+    spec = RopeSpec(rope_dim=8, theta=160000.0, yarn_factor=4.0, original_seq_len=16)
+    q = jnp.asarray(rng.normal(size=(1, 1, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 8)), jnp.float32)
+    d = lambda tq, tk: float(jnp.sum(apply_rope(q, jnp.array([tq]), spec) * apply_rope(k, jnp.array([tk]), spec)))
+    assert np.isclose(d(10, 3), d(107, 100), atol=1e-4)
+
+
+# ---------------------------------------------------------------- compressor (spec 3.3)
+def np_pool(kv, gate, ratio, overlap):
+    """Independent loop form of spec 3.3 steps 2-3 for one sequence."""
+    T, w = kv.shape
+    n = T // ratio
+    c = w // 2 if overlap else w
+    out = np.zeros((n, c))
+    for i in range(n):
+        slots_kv, slots_g = [], []
+        if overlap and i > 0:
+            for j in range(ratio * (i - 1), ratio * i):
+                slots_kv.append(kv[j, :c]); slots_g.append(gate[j, :c])
+        for j in range(ratio * i, ratio * (i + 1)):
+            slots_kv.append(kv[j, c:] if overlap else kv[j]); slots_g.append(gate[j, c:] if overlap else gate[j])
+        g = np.stack(slots_g); v = np.stack(slots_kv)
+        wgt = np.exp(g - g.max(0)); wgt /= wgt.sum(0)
+        out[i] = (wgt * v).sum(0)
+    return out
+
+
+@pytest.mark.parametrize("ratio, overlap, T", [(4, True, 23), (8, False, 30), (4, False, 4), (4, True, 3)])
+def test_pool_blocks_matches_loop(ratio, overlap, T, rng):
+    w = 12 if overlap else 6
+    kv, gate = rng.normal(size=(2, T, w)), rng.normal(size=(2, T, w))
+    got = np.asarray(pool_blocks(jnp.asarray(kv, jnp.float32), jnp.asarray(gate, jnp.float32), ratio, overlap))
+    assert got.shape == (2, T // ratio, w // (2 if overlap else 1))  # floor(T / ratio) entries
+    for b in range(2):
+        np.testing.assert_allclose(got[b], np_pool(kv[b], gate[b], ratio, overlap), rtol=1e-5, atol=1e-6)
+
+
+def test_ratio_one_compressor_is_identity(rng):
+    kv, gate = rng.normal(size=(1, 7, 5)), rng.normal(size=(1, 7, 5))
+    got = pool_blocks(jnp.asarray(kv, jnp.float32), jnp.asarray(gate, jnp.float32), 1, False)
+    np.testing.assert_allclose(np.asarray(got), kv, rtol=1e-6)
+
+
+def test_visibility_rule():
+    vis = np.asarray(visible_entries(jnp.arange(20), 5, 4))
+    for t in range(20):
+        for i in range(5):
+            assert vis[t, i] == (4 * (i + 1) - 1 <= t)
+
+
+# ---------------------------------------------------------------- indexer top-k (spec 3.4)
+def test_select_topk_invalid_picks_and_ties():
+    scores = jnp.array([[[0.0, 0.0, 0.0, 5.0, 1.0]]])
+    vis = jnp.array([[[True, True, True, False, False]]])
+    idx = np.asarray(select_topk(scores, vis, 4))
+    assert idx.tolist() == [[[0, 1, 2, -1]]]  # ties: lower index first; invisible picks -> -1
+    mask = np.asarray(topk_to_mask(jnp.asarray(idx), 5))
+    assert mask.tolist() == [[[True, True, True, False, False]]]
+
+
+# ---------------------------------------------------------------- core attention (spec 3.5)
+def np_attention(q, kv, sink, window, comp, mask):
+    T, H, c = q.shape
+    out = np.zeros((T, H, c))
+    for t in range(T):
+        keys = [kv[s] for s in range(max(0, t - window + 1), t + 1)]
+        keys += [comp[i] for i in range(comp.shape[0]) if mask[t, i]]
+        K = np.stack(keys)
+        for h in range(H):
+            z = K @ q[t, h] / math.sqrt(c)
+            m = max(z.max(), sink[h])
+            e = np.exp(z - m)
+            out[t, h] = (e[:, None] * K).sum(0) / (e.sum() + math.exp(sink[h] - m))
+    return out
+
+
+def test_attention_reference_matches_loop(rng):
+    T, H, c, N, W = 13, 3, 8, 4, 5
+    q, kv = rng.normal(size=(1, T, H, c)), rng.normal(size=(1, T, c))
+    comp, sink = rng.normal(size=(1, N, c)), rng.normal(size=(H,))
+    mask = rng.random((1, T, N)) < 0.5
+    got = attention_reference(*(jnp.asarray(a, jnp.float32) for a in (q, kv, sink)), W,
+                              jnp.asarray(comp, jnp.float32), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(got[0]), np_attention(q[0], kv[0], sink, W, comp[0], mask[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_sink_to_minus_infinity_is_plain_softmax(rng):
+    q, kv = jnp.asarray(rng.normal(size=(1, 6, 2, 4)), jnp.float32), jnp.asarray(rng.normal(size=(1, 6, 4)), jnp.float32)
+    a = attention_reference(q, kv, jnp.full((2,), -1e30), 3)
+    z = jnp.einsum("bthc,bsc->bhts", q, kv) / 2.0
+    t, s = jnp.arange(6)[:, None], jnp.arange(6)[None]
+    z = jnp.where((s <= t) & (s > t - 3), z, -jnp.inf)
+    ref = jnp.einsum("bhts,bsc->bthc", jax.nn.softmax(z, -1), kv)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(ref), atol=1e-6)
+    # with a finite sink, total attention mass is below one: |out| shrinks
+    assert float(jnp.abs(attention_reference(q, kv, jnp.full((2,), 3.0), 3)).sum()) < float(jnp.abs(a).sum())
+
+
+# ---------------------------------------------------------------- MoE (spec 5, techniques 5.1)
+def test_router_weights_and_balance_stats(rng):
+    logits = jnp.asarray(rng.normal(size=(2, 10, 8)), jnp.float32)
+    s = affinity(logits, "sqrtsoftplus")
+    np.testing.assert_allclose(np.asarray(s), np.sqrt(np.log1p(np.exp(np.asarray(logits)))), rtol=1e-6)
+    idx = jax.lax.top_k(s, 2)[1]
+    w = np.asarray(gate_weights(s, idx, 1.5))
+    np.testing.assert_allclose(w.sum(-1), 1.5, rtol=1e-6)
+    f, p, load = sequence_balance_stats(s, idx, 8)
+    np.testing.assert_allclose(np.asarray(f).sum(-1), 8.0, rtol=1e-6)   # sum_e f_e = E
+    np.testing.assert_allclose(np.asarray(p).sum(-1), 1.0, rtol=1e-6)   # sum_e P_e = 1
+    assert float(load.sum()) == 2 * 10 * 2
+
+
+def test_experts_ragged_equals_dense_and_grads(rng):
+    N, d, I, E, K = 17, 8, 6, 5, 2
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.permutation(E)[:K] for _ in range(N)]), jnp.int32)
+    w = jnp.asarray(rng.random((N, K)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E, d, I)) * 2, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E, I, d)), jnp.float32)
+    a = experts_ragged(x, idx, w, w1, w2, w3, 10.0)
+    b = experts_dense(x, idx, w, w1, w2, w3, 10.0)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    ga = jax.grad(lambda ws: experts_ragged(x, idx, w, *ws, 10.0).sum())((w1, w2, w3))
+    gb = jax.grad(lambda ws: experts_dense(x, idx, w, *ws, 10.0).sum())((w1, w2, w3))
+    for u, v in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5)
+
+
+def test_swiglu_clamp():
+    from v4jax.moe.experts import swiglu
+    g, v = jnp.array([20.0, -20.0]), jnp.array([20.0, -20.0])
+    np.testing.assert_allclose(np.asarray(swiglu(g, v, 10.0)), [10 / (1 + math.exp(-10)) * 10, -20 / (1 + math.exp(20)) * -10], rtol=1e-5)

@@ -1,0 +1,117 @@
+"""The public model object: ``V4Model`` (config + variables + jitted pure forward) and ``load_hf``.
+
+``model(ids)`` with an int array ``[B, T]`` returns fp32 logits ``[B, T, vocab]`` as a JAX array;
+this call is part of the public API and stays stable. Everything underneath is a pure function of
+pytrees: ``Transformer(cfg).apply({"params": ..., "buffers": ...}, ids)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v4jax.config import V4Config
+from v4jax.model.transformer import Transformer
+
+
+class InputError(ValueError):
+    """Bad model input (wrong rank, dtype or a token id outside the vocabulary)."""
+
+
+def check_token_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
+    """Validate ``[B, T]`` integer token ids eagerly and return them as int32."""
+    if isinstance(ids, (list, tuple)):
+        ids = np.asarray(ids)
+    if not hasattr(ids, "dtype") or not hasattr(ids, "shape"):
+        raise InputError(f"token ids must be an integer array [batch, seq], got {type(ids).__name__}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise InputError(f"token ids must have an integer dtype, got {ids.dtype}")
+    if ids.ndim != 2:
+        raise InputError(f"token ids must have rank 2 [batch, seq], got shape {tuple(ids.shape)}")
+    if ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise InputError(f"token ids must be non-empty, got shape {tuple(ids.shape)}")
+    host = np.asarray(ids)
+    lo, hi = int(host.min()), int(host.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        where = tuple(int(i) for i in np.argwhere(host == bad)[0])
+        raise InputError(f"token id {bad} at position {where} is outside the vocabulary [0, {vocab_size})")
+    return jnp.asarray(host, jnp.int32)
+
+
+class V4Model:
+    """A DeepSeek-V4 model: ``cfg`` (``V4Config``), ``variables`` (``{"params", "buffers"}``)."""
+
+    def __init__(self, cfg: V4Config, variables: dict):
+        self.cfg = cfg
+        self.module = Transformer(cfg)
+        self.variables = variables
+        self._forward = jax.jit(self._pure_forward, static_argnames=("with_mtp",))
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def init(cls, cfg: V4Config, seed: int = 0) -> "V4Model":
+        """Freshly initialised weights (training-from-scratch initialisation, spec 4 / techniques 1.5)."""
+        module = Transformer(cfg)
+        init = jax.jit(module.init)
+        variables = nn.meta.unbox(init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+        return cls(cfg, variables)
+
+    # -- forward --------------------------------------------------------------------------------
+    def _pure_forward(self, variables, ids, with_mtp: bool):
+        return self.module.apply(variables, ids, with_mtp=with_mtp)
+
+    def __call__(self, ids) -> jax.Array:
+        """``ids [B, T]`` int -> fp32 logits ``[B, T, vocab]``."""
+        ids = check_token_ids(ids, self.cfg.vocab_size)
+        return self._forward(self.variables, ids, with_mtp=False)["logits"]
+
+    def forward(self, ids, with_mtp: bool = True) -> dict:
+        """Full outputs: ``logits``, ``mtp_logits`` (if the config has MTP), ``moe`` router stats,
+        ``hidden`` final streams ``[B, T, hc_mult, d]``."""
+        ids = check_token_ids(ids, self.cfg.vocab_size)
+        return self._forward(self.variables, ids, with_mtp=with_mtp)
+
+    # -- accessors and export -------------------------------------------------------------------
+    @property
+    def params(self) -> dict:
+        return self.variables["params"]
+
+    @property
+    def buffers(self) -> dict:
+        return self.variables.get("buffers", {})
+
+    def param_count(self):
+        from v4jax.params import count_params
+
+        return count_params(self.cfg)
+
+    def save(self, path: str | os.PathLike, dtype: str = "float32", shard_bytes: int | None = None) -> None:
+        """Write an official-naming checkpoint directory (config.json + safetensors)."""
+        from v4jax.weights import save_official
+
+        save_official(self.variables, self.cfg, path, dtype=dtype, shard_bytes=shard_bytes)
+
+    def __repr__(self) -> str:
+        return f"V4Model({self.cfg.name}: {self.cfg.n_layers} layers, d={self.cfg.dim}, vocab={self.cfg.vocab_size})"
+
+
+def load_hf(path: str | os.PathLike, **overrides) -> V4Model:
+    """Load a DeepSeek-V4 checkpoint directory (``config.json`` + ``*.safetensors``, single file or
+    sharded with an index) in the official or the ``transformers`` naming. FP8/FP4 weights are
+    dequantized on load, tensor by tensor. ``overrides`` are ``V4Config`` fields
+    (e.g. ``attention_impl="pallas"``, ``dtype="bfloat16"``)."""
+    from v4jax.weights import load_variables
+
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
+    cfg = V4Config.from_json(cfg_path, **overrides)
+    variables, cfg = load_variables(path, cfg)
+    return V4Model(cfg, variables)

@@ -1,0 +1,77 @@
+"""The hybrid attention layer (spec 3.1-3.6, 3.9): low-rank query with per-head unweighted norm,
+shared K=V single head, sliding window, optional compressor (HCA/CSA) and lightning indexer (CSA),
+one softmax with a per-head sink, output de-rotation, grouped low-rank output projection.
+
+Input ``x [B, T, d]`` (the mHC-collapsed, ``attn_norm``-ed stream) -> ``[B, T, d]``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from v4jax.attention.compressor import Compressor, visible_entries
+from v4jax.attention.core import attention_reference, topk_to_mask
+from v4jax.attention.indexer import Indexer
+from v4jax.config import AttentionSpec
+from v4jax.layers.linear import Linear, param_with_axes
+from v4jax.layers.norms import RMSNorm, rms_normalize
+from v4jax.layers.rope import apply_rope
+
+
+class Attention(nn.Module):
+    """Parameters (official names): ``wq_a``, ``q_norm``, ``wq_b``, ``wkv``, ``kv_norm``, ``wo_a``
+    ``[g, n_h*c/g, d_g]``, ``wo_b``, ``attn_sink [n_h]``, and ``compressor`` / ``indexer``."""
+
+    spec: AttentionSpec
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, return_indexer: bool = False):
+        s = self.spec
+        if s.impl != "reference":
+            raise NotImplementedError(
+                f"attention_impl={s.impl!r}: the Pallas kernels are not built yet; use 'reference'")
+        B, T, _ = x.shape
+        H, c = s.n_heads, s.head_dim
+        pos = jnp.arange(T)
+        lin = lambda f, axes, name: Linear(f, axes, self.dtype, self.param_dtype, name=name)
+
+        # 3.1 query path
+        qr = RMSNorm(s.q_lora_rank, s.norm_eps, name="q_norm")(lin(s.q_lora_rank, ("embed", "q_lora"), "wq_a")(x))
+        q = lin(H * c, ("q_lora", "heads"), "wq_b")(qr).reshape(B, T, H, c)
+        q = rms_normalize(q, s.norm_eps).astype(self.dtype)
+        q = apply_rope(q, pos, s.rope)
+        # 3.2 shared K=V window entries
+        kv = RMSNorm(c, s.norm_eps, name="kv_norm")(lin(c, ("embed", "kv"), "wkv")(x))
+        kv = apply_rope(kv, pos, s.rope)
+
+        sink = param_with_axes(self, "attn_sink", nn.initializers.zeros, (H,), ("heads_only",))
+        comp = comp_mask = None
+        aux = {}
+        if s.compressor is not None:
+            comp = Compressor(s.compressor, s.rope, self.param_dtype, name="compressor")(x)
+            n = comp.shape[1]
+            comp_mask = jnp.broadcast_to(visible_entries(pos, n, s.compressor.ratio)[None], (B, T, n))
+            if s.indexer is not None:
+                idx, scores = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, name="indexer")(
+                    x, qr, return_scores=True)
+                aux = {"topk": idx, "index_scores": scores}
+                if not s.dense_compressed:
+                    comp_mask = comp_mask & topk_to_mask(idx, n)
+            comp = comp.astype(self.dtype)
+
+        o = attention_reference(q, kv, sink, s.window, comp, comp_mask)
+        o = apply_rope(o, pos, s.rope, inverse=True).astype(self.dtype)
+
+        # 3.6 grouped low-rank output projection
+        g = s.o_groups
+        o = o.reshape(B, T, g, H * c // g)
+        wo_a = param_with_axes(self, "wo_a", nn.initializers.normal(0.02), (g, H * c // g, s.o_lora_rank),
+                               ("o_groups", "heads", "o_lora"), self.param_dtype)
+        u = jnp.einsum("btgi,gio->btgo", o, wo_a.astype(self.dtype)).astype(self.dtype)
+        out = lin(s.dim, ("o_lora", "embed"), "wo_b")(u.reshape(B, T, g * s.o_lora_rank))
+        if return_indexer:
+            return out, aux
+        return out

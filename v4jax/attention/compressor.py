@@ -1,0 +1,92 @@
+"""KV compressor (spec 3.3): ``ratio`` tokens -> one entry, per-channel softmax pooling.
+
+HCA (``overlap=False``): entry i pools the tokens of block i.
+CSA (``overlap=True``): each token projects to ``2*c``; its first ``c`` dims feed the NEXT block's
+entry, its last ``c`` dims its OWN block's entry, so entry i pools 2*ratio slots (block i-1's first
+halves and block i's second halves). Then a weighted RMSNorm and RoPE at position ``i*ratio``.
+Blocks are aligned to the sequence start; the tail of fewer than ``ratio`` tokens is dropped.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from v4jax.config import CompressorSpec, RopeSpec
+from v4jax.layers.linear import Linear, param_with_axes
+from v4jax.layers.norms import RMSNorm
+from v4jax.layers.rope import apply_rope
+
+
+def pool_blocks(kv: jnp.ndarray, gate: jnp.ndarray, ratio: int, overlap: bool) -> jnp.ndarray:
+    """Pool complete blocks. kv, gate: ``[B, T, (1+overlap)*c]`` fp32 (gate already includes ``ape``
+    broadcast per position-in-block). Returns ``[B, T // ratio, c]`` (before norm and RoPE)."""
+    B, T, w = kv.shape
+    n = T // ratio
+    kv = kv[:, : n * ratio].reshape(B, n, ratio, w)
+    gate = gate[:, : n * ratio].reshape(B, n, ratio, w)
+    if overlap:
+        c = w // 2
+        prev_kv, cur_kv = kv[..., :c], kv[..., c:]
+        prev_g, cur_g = gate[..., :c], gate[..., c:]
+        # slot group 0 of entry i holds block i-1's first halves; entry 0 has none (weight 0).
+        prev_kv = jnp.pad(prev_kv, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :n]
+        prev_g = jnp.pad(prev_g, ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)[:, :n]
+        kv = jnp.concatenate([prev_kv, cur_kv], axis=2)
+        gate = jnp.concatenate([prev_g, cur_g], axis=2)
+    weights = jax.nn.softmax(gate, axis=2)
+    return jnp.sum(weights * kv, axis=2)
+
+
+def add_position_bias(gate: jnp.ndarray, ape: jnp.ndarray, start: int = 0) -> jnp.ndarray:
+    """``gate[:, t] + ape[(start + t) % ratio]``; gate ``[B, T, w]``, ape ``[ratio, w]``."""
+    T = gate.shape[1]
+    idx = (start + jnp.arange(T)) % ape.shape[0]
+    return gate + ape[idx][None].astype(gate.dtype)
+
+
+class Compressor(nn.Module):
+    """Parameters (official names): ``wkv``, ``wgate`` ``[d, (1+o)c]``, ``ape`` ``[ratio, (1+o)c]``,
+    ``norm`` ``[c]``. Input ``x [B, T, d]``; output entries ``[B, T // ratio, c]`` (fp32) with RoPE."""
+
+    spec: CompressorSpec
+    rope: RopeSpec
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.nowrap
+    def project(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Per-token (kv, gate-logits) in fp32: ``[B, T, (1+o)c]`` each (gate without ``ape``)."""
+        s = self.spec
+        width = (2 if s.overlap else 1) * s.out_dim
+        xf = x.astype(jnp.float32)
+        kv = Linear(width, ("embed", "kv"), jnp.float32, self.param_dtype, name="wkv")(xf)
+        gate = Linear(width, ("embed", "kv"), jnp.float32, self.param_dtype, name="wgate")(xf)
+        return kv, gate
+
+    @nn.nowrap
+    def ape(self) -> jnp.ndarray:
+        s = self.spec
+        width = (2 if s.overlap else 1) * s.out_dim
+        return param_with_axes(self, "ape", nn.initializers.zeros, (s.ratio, width), (None, "kv"))
+
+    @nn.nowrap
+    def finish(self, pooled: jnp.ndarray, entry_positions: jnp.ndarray) -> jnp.ndarray:
+        """Norm then RoPE at each entry's first-token position."""
+        c = RMSNorm(self.spec.out_dim, self.spec.norm_eps, name="norm")(pooled)
+        return apply_rope(c, entry_positions, self.rope)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = self.spec
+        kv, gate = self.project(x)
+        gate = add_position_bias(gate, self.ape())
+        pooled = pool_blocks(kv, gate, s.ratio, s.overlap)
+        n = pooled.shape[1]
+        return self.finish(pooled, jnp.arange(n) * s.ratio)
+
+
+def visible_entries(positions: jnp.ndarray, n_entries: int, ratio: int) -> jnp.ndarray:
+    """Causality rule (spec 3.3.6): query at position t may use entry i iff ``i < (t+1) // ratio``.
+    positions ``[..., T]`` -> bool ``[..., T, n_entries]``."""
+    return jnp.arange(n_entries) < ((positions + 1) // ratio)[..., None]

@@ -1,0 +1,56 @@
+"""Core attention (spec 3.5), the jnp oracle: one softmax over [sliding-window keys | compressed
+entries | per-head sink], shared K=V single head broadcast over query heads, fp32 throughout.
+
+This dense masked form is the reference every faster path (the gather form below, the Pallas
+kernels in ``kernels_pallas``) is tested against.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def window_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, window: int) -> jnp.ndarray:
+    """Key s is in query t's window iff ``t - window < s <= t`` (``window`` keys, t included)."""
+    d = q_pos[:, None] - k_pos[None, :]
+    return (d >= 0) & (d < window)
+
+
+def attention_reference(q: jnp.ndarray, kv: jnp.ndarray, sink: jnp.ndarray, window: int,
+                        comp: jnp.ndarray | None = None, comp_mask: jnp.ndarray | None = None,
+                        scale: float | None = None) -> jnp.ndarray:
+    """Dense masked sparse attention.
+
+    q ``[B, T, H, c]``; kv ``[B, T, c]`` (window keys = values, position t at row t);
+    sink ``[H]``; comp ``[B, N, c]`` compressed entries; comp_mask ``[B, T, N]`` bool
+    (visibility, and for CSA top-k membership). Returns ``[B, T, H, c]`` in fp32.
+    """
+    B, T, H, c = q.shape
+    scale = c ** -0.5 if scale is None else scale
+    qf = q.astype(jnp.float32)
+    kvf = kv.astype(jnp.float32)
+    pos = jnp.arange(T)
+    s_win = jnp.einsum("bthc,bsc->bhts", qf, kvf) * scale
+    s_win = jnp.where(window_mask(pos, pos, window)[None, None], s_win, -jnp.inf)
+    parts = [s_win]
+    if comp is not None and comp.shape[1] > 0:
+        cf = comp.astype(jnp.float32)
+        s_cmp = jnp.einsum("bthc,bnc->bhtn", qf, cf) * scale
+        s_cmp = jnp.where(comp_mask[:, None], s_cmp, -jnp.inf)
+        parts.append(s_cmp)
+    sink_col = jnp.broadcast_to(sink.astype(jnp.float32)[None, :, None, None], (B, H, T, 1))
+    logits = jnp.concatenate(parts + [sink_col], axis=-1)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - m)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / denom
+    out = jnp.einsum("bhts,bsc->bthc", p[..., :T], kvf)
+    if len(parts) == 2:
+        out = out + jnp.einsum("bhtn,bnc->bthc", p[..., T:T + comp.shape[1]], cf)
+    return out
+
+
+def topk_to_mask(idx: jnp.ndarray, n_entries: int) -> jnp.ndarray:
+    """Index lists ``[B, T, k]`` (-1 = none) -> membership mask ``[B, T, N]``."""
+    hit = idx[..., None] == jnp.arange(n_entries)
+    return jnp.any(hit & (idx[..., None] >= 0), axis=-2)

@@ -1,0 +1,97 @@
+"""mHC: manifold-constrained hyper-connections (spec 4; techniques 1.3).
+
+The residual state is ``X [B, T, n, d]`` (n = hc_mult streams). Each sub-block (attention, MoE)
+has ``fn [(2+n)n, n*d]``, ``base [(2+n)n]``, ``scale [3]``; rows are ``[pre (n) | post (n) |
+res (n*n, row-major)]``. Coefficients come from the flattened, unweighted-RMS-normalised streams,
+all in fp32:
+
+* ``pre = sigmoid(a_pre * mu_pre + S_pre) + eps``    (collapses the streams into the block input)
+* ``post = 2 * sigmoid(a_post * mu_post + S_post)``  (spreads the block output over the streams)
+* ``comb = Sinkhorn(a_res * mu_res + S_res)``        (doubly stochastic residual mix)
+
+and ``X'[b] = post[b] * F(u) + sum_a comb[a, b] * X[a]`` (the transposed mix: direction matters).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from v4jax.config import HCSpec
+from v4jax.layers.linear import param_with_axes
+from v4jax.layers.norms import rms_normalize
+
+
+def sinkhorn(logits: jnp.ndarray, iters: int, eps: float) -> jnp.ndarray:
+    """DeepSeek's Sinkhorn-Knopp order: row softmax + eps, a column normalisation, then
+    ``iters - 1`` rounds of (row, column) normalisation. The last step normalises columns, so the
+    column sums (axis -2) are 1. ``[..., n, n]`` fp32 -> ``[..., n, n]``."""
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) + eps
+    p = p / (jnp.sum(p, axis=-2, keepdims=True) + eps)
+
+    def body(_, p):
+        p = p / (jnp.sum(p, axis=-1, keepdims=True) + eps)
+        return p / (jnp.sum(p, axis=-2, keepdims=True) + eps)
+
+    return jax.lax.fori_loop(0, iters - 1, body, p)
+
+
+def hc_coefficients(x: jnp.ndarray, fn: jnp.ndarray, base: jnp.ndarray, scale: jnp.ndarray,
+                    spec: HCSpec):
+    """x ``[B, T, n, d]`` -> (pre ``[B,T,n]``, post ``[B,T,n]``, comb ``[B,T,n,n]``), fp32."""
+    n = spec.n_streams
+    flat = rms_normalize(x.reshape(*x.shape[:-2], n * x.shape[-1]), spec.norm_eps)
+    mix = jnp.einsum("...k,mk->...m", flat, fn.astype(jnp.float32))
+    base = base.astype(jnp.float32)
+    scale = scale.astype(jnp.float32)
+    pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + spec.eps
+    post = 2.0 * jax.nn.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
+    res = mix[..., 2 * n:] * scale[2] + base[2 * n:]
+    comb = sinkhorn(res.reshape(*res.shape[:-1], n, n), spec.sinkhorn_iters, spec.eps)
+    return pre, post, comb
+
+
+def collapse(x: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
+    """``sum_a w[a] * X[a]`` accumulated in fp32, cast to x's dtype. ``[B,T,n,d], [B,T,n] -> [B,T,d]``."""
+    return jnp.einsum("btn,btnd->btd", weights, x.astype(jnp.float32)).astype(x.dtype)
+
+
+def expand(x: jnp.ndarray, y: jnp.ndarray, post: jnp.ndarray, comb: jnp.ndarray) -> jnp.ndarray:
+    """``X'[b] = post[b] * y + sum_a comb[a, b] X[a]``. x ``[B,T,n,d]``, y ``[B,T,d]``."""
+    mixed = jnp.einsum("btij,btid->btjd", comb, x.astype(jnp.float32))
+    return (post[..., None] * y.astype(jnp.float32)[:, :, None, :] + mixed).astype(x.dtype)
+
+
+class HyperConnection(nn.Module):
+    """One mHC site. ``__call__(X) -> (u, post, comb)`` with ``u`` the collapsed block input."""
+
+    spec: HCSpec
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray):
+        n, d = self.spec.n_streams, self.spec.dim
+        m = (2 + n) * n
+        fn = param_with_axes(self, "fn", nn.initializers.normal(0.02), (m, n * d), ("hc", "hc_embed"))
+        base = param_with_axes(self, "base", nn.initializers.zeros, (m,), ("hc",))
+        scale = param_with_axes(self, "scale", nn.initializers.constant(0.01), (3,), (None,))
+        pre, post, comb = hc_coefficients(x, fn, base, scale, self.spec)
+        return collapse(x, pre), post, comb
+
+
+class HCHead(nn.Module):
+    """Final stream collapse: ``a = sigmoid(scale * mu + base) + eps``, ``y = sum_a a X_a``.
+    Parameters ``fn [n, n*d]``, ``base [n]``, ``scale [1]`` (official ``hc_head_fn/base/scale``)."""
+
+    spec: HCSpec
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        n, d = self.spec.n_streams, self.spec.dim
+        fn = param_with_axes(self, "fn", nn.initializers.normal(0.02), (n, n * d), ("hc", "hc_embed"))
+        base = param_with_axes(self, "base", nn.initializers.zeros, (n,), ("hc",))
+        scale = param_with_axes(self, "scale", nn.initializers.constant(0.01), (1,), (None,))
+        flat = rms_normalize(x.reshape(*x.shape[:-2], n * d), self.spec.norm_eps)
+        mix = jnp.einsum("...k,mk->...m", flat, fn.astype(jnp.float32))
+        pre = jax.nn.sigmoid(mix * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + self.spec.eps
+        return collapse(x, pre)

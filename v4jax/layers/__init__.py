@@ -1,0 +1,1 @@
+"""Shared primitives: RMSNorm, partial interleaved RoPE with YaRN, linear layers with logical axes."""

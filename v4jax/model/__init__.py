@@ -1,0 +1,1 @@
+"""Model assembly: decoder block, MTP block, the whole transformer."""

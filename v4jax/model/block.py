@@ -1,0 +1,39 @@
+"""One decoder block (spec 4, official ``Block.forward``): hc_pre(attn) -> attn_norm -> Attention
+-> hc_post, then hc_pre(ffn) -> ffn_norm -> MoE -> hc_post. Streams ``X [B, T, n, d]``."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from v4jax.attention.attention import Attention
+from v4jax.config import V4Config
+from v4jax.hyper_connection import HyperConnection, expand
+from v4jax.layers.norms import RMSNorm
+from v4jax.moe.moe import MoE
+
+
+class Block(nn.Module):
+    """Parameter names follow the official checkpoint: ``hc_attn``, ``attn_norm``, ``attn``,
+    ``hc_ffn``, ``ffn_norm``, ``ffn``."""
+
+    cfg: V4Config
+    layer_type: str
+    hash_routed: bool
+
+    def setup(self):
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.hc_attn = HyperConnection(cfg.hc())
+        self.hc_ffn = HyperConnection(cfg.hc())
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.attention(self.layer_type), dt, pdt)
+        self.ffn = MoE(cfg.moe(self.hash_routed), dt, pdt)
+
+    def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray):
+        u, post, comb = self.hc_attn(x)
+        x = expand(x, self.attn(self.attn_norm(u)), post, comb)
+        u, post, comb = self.hc_ffn(x)
+        y, stats = self.ffn(self.ffn_norm(u), token_ids)
+        return expand(x, y, post, comb), stats

@@ -1,0 +1,40 @@
+"""Multi-token prediction block, depth 1 (spec 6; official ``MTPBlock``).
+
+For position t it predicts token t+2 from the main model's final streams ``H_t`` (before its HC
+head) and the embedding of token t+1: ``X_a = e_proj(enorm(Emb(x_{t+1}))) + h_proj(hnorm(H_{t,a}))``,
+then one window-attention block with learned routing, its own HC head and ``norm``, and the
+main model's (shared) ``head``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from v4jax.hyper_connection import HCHead
+from v4jax.layers.linear import Linear
+from v4jax.layers.norms import RMSNorm
+from v4jax.model.block import Block
+
+
+class MTPBlock(Block):
+    """A ``Block`` (layer type "window", learned routing) plus ``e_proj``, ``h_proj``, ``enorm``,
+    ``hnorm``, ``norm`` and ``hc_head``; all under one ``mtp_0`` scope like the official ``mtp.0``."""
+
+    def setup(self):
+        super().setup()
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.e_proj = Linear(cfg.dim, ("embed", "embed_out"), dt, pdt)
+        self.h_proj = Linear(cfg.dim, ("embed", "embed_out"), dt, pdt)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hc_head = HCHead(cfg.hc())
+
+    def predict(self, streams: jnp.ndarray, next_emb: jnp.ndarray, next_ids: jnp.ndarray):
+        """streams ``[B, T, n, d]``, next_emb ``[B, T, d]`` -> (normed hidden ``[B, T, d]``, stats)."""
+        e = self.e_proj(self.enorm(next_emb))
+        x = e[:, :, None, :] + self.h_proj(self.hnorm(streams))
+        x, stats = Block.__call__(self, x.astype(streams.dtype), next_ids)
+        return self.norm(self.hc_head(x)), stats

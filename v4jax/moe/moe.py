@@ -1,0 +1,103 @@
+"""The MoE layer (spec 5): router (learned or hash), routed experts, shared expert(s).
+
+Non-gradient state lives in the ``buffers`` collection: ``gate.bias [E]`` (aux-loss-free
+balancing bias, learned layers) and ``gate.tid2eid [vocab, K]`` (hash layers).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from v4jax.config import MoESpec
+from v4jax.layers.linear import Linear, default_init, param_with_axes
+from v4jax.moe.experts import experts_ragged, swiglu
+from v4jax.moe.router import affinity, gate_weights, hash_route, sequence_balance_stats, topk_route
+
+
+def default_tid2eid(vocab_size: int, n_experts: int, k: int, seed: int = 0) -> np.ndarray:
+    """A fixed seeded table ``[vocab, k]`` of k DISTINCT experts per token id (spec 11). The real
+    hash function is unpublished; released checkpoints ship their table, which replaces this."""
+    rng = np.random.default_rng(seed)
+    return np.argsort(rng.random((vocab_size, n_experts)), axis=1)[:, :k].astype(np.int32)
+
+
+class Gate(nn.Module):
+    """Router weight ``weight [E, d]`` stored as kernel ``[d, E]``; fp32 logits."""
+
+    spec: MoESpec
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray):
+        s = self.spec
+        w = param_with_axes(self, "kernel", default_init, (s.dim, s.n_experts), ("embed", "experts"))
+        scores = affinity(jnp.einsum("...d,de->...e", x.astype(jnp.float32), w.astype(jnp.float32)),
+                          s.score_func)
+        if s.hash_routed:
+            table = self.variable("buffers", "tid2eid",
+                                  lambda: jnp.asarray(default_tid2eid(s.vocab_size, s.n_experts, s.topk)))
+            idx = hash_route(token_ids, table.value)
+        else:
+            bias = self.variable("buffers", "bias", lambda: jnp.zeros((s.n_experts,), jnp.float32))
+            idx = topk_route(scores, bias.value, s.topk)
+        return scores, idx, gate_weights(scores, idx, s.route_scale)
+
+
+class SharedExpert(nn.Module):
+    """Clamped SwiGLU MLP ``w1, w3 [d, I]``, ``w2 [I, d]`` (official names)."""
+
+    spec: MoESpec
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        s = self.spec
+        inter = s.inter_dim * s.n_shared
+        lin = lambda f, axes, name: Linear(f, axes, self.dtype, self.param_dtype, name=name)
+        h = swiglu(lin(inter, ("embed", "mlp"), "w1")(x).astype(jnp.float32),
+                   lin(inter, ("embed", "mlp"), "w3")(x).astype(jnp.float32), s.swiglu_limit)
+        return lin(s.dim, ("mlp", "embed"), "w2")(h.astype(self.dtype))
+
+
+class Experts(nn.Module):
+    """Stacked routed experts ``w1, w3 [E, d, I]``, ``w2 [E, I, d]``; each expert is its own matrix."""
+
+    spec: MoESpec
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, idx, weights):
+        s = self.spec
+        E, I, d = s.n_experts, s.inter_dim, s.dim
+        w1 = param_with_axes(self, "w1", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
+        w3 = param_with_axes(self, "w3", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
+        w2 = param_with_axes(self, "w2", default_init, (E, I, d), ("experts", "mlp", "embed"), self.param_dtype)
+        return experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
+
+
+class MoE(nn.Module):
+    """x ``[B, T, d]``, token_ids ``[B, T]`` -> (y ``[B, T, d]``, stats dict)."""
+
+    spec: MoESpec
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray):
+        s = self.spec
+        B, T, d = x.shape
+        scores, idx, weights = Gate(s, name="gate")(x, token_ids)
+        E = s.n_experts
+        routed = Experts(s, self.dtype, self.param_dtype, name="experts")(
+            x.reshape(B * T, d), idx.reshape(B * T, -1), weights.reshape(B * T, -1)).reshape(B, T, d)
+        y = routed
+        if s.n_shared > 0:
+            y = y + SharedExpert(s, self.dtype, self.param_dtype, name="shared_experts")(x).astype(jnp.float32)
+        f, p, load = sequence_balance_stats(scores, idx, E)
+        stats = {"balance": jnp.mean(jnp.sum(f * p, axis=-1)), "load": load,
+                 "hash": jnp.asarray(s.hash_routed)}
+        return y.astype(self.dtype), stats
