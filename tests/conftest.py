@@ -24,24 +24,42 @@ def small_config(**kw):
     return preset("tiny", **base)
 
 
-def randomize(variables, seed: int = 0, scale: float = 0.3):
-    """Perturb every float parameter so that sinks, position biases, mHC biases/scales, norms and
-    router biases are all non-trivial (the init values hide bugs)."""
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = []
-    for k, x in zip(keys, leaves):
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            x = x + scale * jax.random.normal(k, x.shape, x.dtype) * (1.0 if x.ndim < 2 else 0.3)
-        out.append(x)
-    return jax.tree.unflatten(tree, out)
+def random_variables(cfg, seed: int = 0):
+    """Random weights with the exact tree of ``Transformer(cfg).init``, drawn on the host (no
+    compile). Nothing is left at its init value: sinks, position biases, mHC biases/scales, norm
+    weights and router biases are all non-trivial (init values hide bugs)."""
+    import flax.traverse_util as tu
+    from v4jax.moe.moe import default_tid2eid
+    from v4jax.params import abstract_variables
+
+    rng = np.random.default_rng(seed)
+    flat = tu.flatten_dict(abstract_variables(cfg), sep="/")
+    out = {}
+    for path, leaf in flat.items():
+        shape, name = leaf.shape, path.split("/")[-1]
+        if name == "tid2eid":
+            x = default_tid2eid(shape[0], cfg.n_routed_experts, shape[1], seed)
+        elif name == "scale" and "hc" in path:                   # mHC gating factors
+            x = rng.uniform(0.3, 1.5, shape)
+        elif name == "scale":                                   # RMSNorm weights
+            x = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name in ("attn_sink", "base", "ape", "bias"):
+            x = (1.0 if name == "attn_sink" else 0.3) * rng.standard_normal(shape)
+        elif name == "fn":
+            x = 0.05 * rng.standard_normal(shape)
+        elif name == "embedding":
+            x = rng.standard_normal(shape)
+        else:                                                   # matrices: unit-variance outputs
+            fan_in = shape[-2] if len(shape) >= 2 else 1
+            x = rng.standard_normal(shape) / np.sqrt(fan_in)
+        out[path] = jnp.asarray(x, leaf.dtype)
+    return tu.unflatten_dict(out, sep="/")
 
 
 @pytest.fixture(scope="session")
 def small_model():
     cfg = small_config()
-    m = v4jax.V4Model.init(cfg, seed=0)
-    return v4jax.V4Model(cfg, randomize(m.variables, seed=1))
+    return v4jax.V4Model(cfg, random_variables(cfg, seed=1))
 
 
 @pytest.fixture

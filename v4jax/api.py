@@ -56,10 +56,13 @@ class V4Model:
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def init(cls, cfg: V4Config, seed: int = 0) -> "V4Model":
-        """Freshly initialised weights (training-from-scratch initialisation, spec 4 / techniques 1.5)."""
+        """Freshly initialised weights (training-from-scratch initialisation, spec 4 / techniques 1.5).
+
+        The init key uses XLA's RngBitGenerator (``impl="rbg"``), which compiles about twice as
+        fast as threefry on CPU; results are deterministic for a given seed and backend."""
         module = Transformer(cfg)
         init = jax.jit(module.init)
-        variables = nn.meta.unbox(init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+        variables = nn.meta.unbox(init(jax.random.key(seed, impl="rbg"), jnp.zeros((1, 4), jnp.int32)))
         return cls(cfg, variables)
 
     # -- forward --------------------------------------------------------------------------------

@@ -416,6 +416,8 @@ class V4Config:
             "compress_rates": {"compressed_sparse_attention": self.csa_ratio,
                                "heavily_compressed_attention": self.hca_ratio},
             "mlp_layer_types": ["hash_moe"] * self.n_hash_layers + ["moe"] * (self.n_layers - self.n_hash_layers),
+            # official inference keys (transformers ignores them when layer_types / mlp_layer_types are set)
+            "compress_ratios": list(self.compress_ratios), "num_hash_layers": self.n_hash_layers,
             "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
         }
         if self.rope("hca").uses_yarn:
