@@ -52,6 +52,7 @@ class V4Model:
         self.module = Transformer(cfg)
         self.variables = variables
         self._forward = jax.jit(self._pure_forward, static_argnames=("with_mtp",))
+        self._extend = jax.jit(self._pure_extend)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -79,6 +80,77 @@ class V4Model:
         ``hidden`` final streams ``[B, T, hc_mult, d]``."""
         ids = check_token_ids(ids, self.cfg.vocab_size)
         return self._forward(self.variables, ids, with_mtp=with_mtp)
+
+    # -- cached inference (prefill in chunks of any size, decode = a chunk of one) ---------------
+    def _pure_extend(self, variables, ids, cache):
+        out = self.module.apply(variables, ids, with_mtp=False, cache=cache)
+        return out["logits"], out["cache"]
+
+    def new_cache(self, batch: int, max_len: int) -> dict:
+        """An empty fixed-shape cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        from v4jax.inference.cache import init_cache
+
+        return init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype))
+
+    def extend(self, ids, cache: dict):
+        """Run the next chunk ``ids [B, T]`` of every sequence against ``cache``; returns
+        (fp32 logits ``[B, T, vocab]``, new cache). Equal to the full forward's logits at those
+        positions. One compile per (B, T) shape."""
+        ids = check_token_ids(ids, self.cfg.vocab_size)
+        B = cache["layers"][0]["window"].shape[0] if cache["layers"] else ids.shape[0]
+        if ids.shape[0] != B:
+            raise InputError(f"batch {ids.shape[0]} does not match the cache's batch {B}")
+        pos, cap = int(cache["pos"]), int(cache["max_len"])
+        if pos + ids.shape[1] > cap:
+            raise InputError(f"cache holds {cap} tokens: {pos} used, cannot add {ids.shape[1]}")
+        return self._extend(self.variables, ids, cache)
+
+    def prefill(self, ids, max_len: int | None = None, chunk_size: int | None = None):
+        """Prefill a prompt (optionally in chunks); returns (logits of the prompt, cache)."""
+        ids = check_token_ids(ids, self.cfg.vocab_size)
+        B, T = ids.shape
+        cache = self.new_cache(B, max_len or T)
+        chunk_size = chunk_size or T
+        outs = []
+        for s in range(0, T, chunk_size):
+            logits, cache = self.extend(ids[:, s:s + chunk_size], cache)
+            outs.append(logits)
+        return jnp.concatenate(outs, axis=1), cache
+
+    def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop_tokens=None, chunk_size: int | None = None) -> np.ndarray:
+        """Autoregressive generation from prompts ``ids [B, P]`` (same length). Greedy when
+        ``temperature == 0``, else temperature + nucleus (``top_p``) sampling. ``stop_tokens``
+        (default: the config's eos; ``()`` for none) end a sequence; positions after its stop are
+        filled with the stop token and generation ends when every sequence stopped. Returns the
+        new token ids ``[B, n <= max_new_tokens]``."""
+        from v4jax.inference.sampling import sample_next
+
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not (0 < top_p <= 1):
+            raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        stop = (self.cfg.eos_token_id,) if stop_tokens is None else tuple(stop_tokens)
+        ids = check_token_ids(ids, self.cfg.vocab_size)
+        B, P = ids.shape
+        logits, cache = self.prefill(ids, P + max_new_tokens, chunk_size)
+        key = jax.random.key(seed)
+        done = np.zeros(B, bool)
+        fill = np.zeros(B, np.int32)
+        out = []
+        last = logits[:, -1]
+        for step in range(max_new_tokens):
+            tok = np.asarray(sample_next(last, jax.random.fold_in(key, step), temperature, top_p))
+            tok = np.where(done, fill, tok).astype(np.int32)
+            out.append(tok)
+            hit = np.isin(tok, stop) & ~done
+            fill = np.where(hit, tok, fill)
+            done |= hit
+            if done.all() or step == max_new_tokens - 1:
+                break
+            last, cache = self.extend(tok[:, None], cache)
+            last = last[:, -1]
+        return np.stack(out, axis=1)
 
     # -- accessors and export -------------------------------------------------------------------
     @property

@@ -28,14 +28,17 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, return_indexer: bool = False):
+    def __call__(self, x: jnp.ndarray, return_indexer: bool = False, cache: dict | None = None,
+                 start: jnp.ndarray | None = None):
+        """Whole sequence (``cache=None``), or a chunk at positions ``start + t`` against a layer
+        cache (``v4jax.inference.cache``), returning ``(out, new_cache)``."""
         s = self.spec
         if s.impl != "reference":
             raise NotImplementedError(
                 f"attention_impl={s.impl!r}: the Pallas kernels are not built yet; use 'reference'")
         B, T, _ = x.shape
         H, c = s.n_heads, s.head_dim
-        pos = jnp.arange(T)
+        pos = jnp.arange(T) if cache is None else start + jnp.arange(T)
         lin = lambda f, axes, name: Linear(f, axes, self.dtype, self.param_dtype, name=name)
 
         # 3.1 query path
@@ -48,21 +51,33 @@ class Attention(nn.Module):
         kv = apply_rope(kv, pos, s.rope)
 
         sink = param_with_axes(self, "attn_sink", nn.initializers.zeros, (H,), ("heads_only",))
-        comp = comp_mask = None
+        comp = comp_mask = kv_mask = None
         aux = {}
+        new_cache = {}
+        if cache is not None:
+            from v4jax.inference.cache import window_step
+
+            kv, kv_mask, new_cache["window"] = window_step(cache["window"], kv, start, s.window)
         if s.compressor is not None:
-            comp = Compressor(s.compressor, s.rope, self.param_dtype, name="compressor")(x)
+            compressor = Compressor(s.compressor, s.rope, self.param_dtype, name="compressor")
+            if cache is None:
+                comp = compressor(x)
+            else:
+                comp, new_cache["compressor"] = compressor(x, cache["compressor"], start)
             n = comp.shape[1]
             comp_mask = jnp.broadcast_to(visible_entries(pos, n, s.compressor.ratio)[None], (B, T, n))
             if s.indexer is not None:
-                idx, scores = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, name="indexer")(
-                    x, qr, return_scores=True)
+                indexer = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, name="indexer")
+                if cache is None:
+                    idx, scores = indexer(x, qr, return_scores=True)
+                else:
+                    idx, scores, new_cache["indexer"] = indexer(x, qr, True, cache["indexer"], start)
                 aux = {"topk": idx, "index_scores": scores}
                 if not s.dense_compressed:
                     comp_mask = comp_mask & topk_to_mask(idx, n)
             comp = comp.astype(self.dtype)
 
-        o = attention_reference(q, kv, sink, s.window, comp, comp_mask)
+        o = attention_reference(q, kv, sink, s.window, comp, comp_mask, kv_mask=kv_mask)
         o = apply_rope(o, pos, s.rope, inverse=True).astype(self.dtype)
 
         # 3.6 grouped low-rank output projection
@@ -72,6 +87,8 @@ class Attention(nn.Module):
                                ("o_groups", "heads", "o_lora"), self.param_dtype)
         u = jnp.einsum("btgi,gio->btgo", o, wo_a.astype(self.dtype)).astype(self.dtype)
         out = lin(s.dim, ("o_lora", "embed"), "wo_b")(u.reshape(B, T, g * s.o_lora_rank))
+        if cache is not None:
+            return (out, new_cache, aux) if return_indexer else (out, new_cache)
         if return_indexer:
             return out, aux
         return out

@@ -39,7 +39,7 @@ def pool_blocks(kv: jnp.ndarray, gate: jnp.ndarray, ratio: int, overlap: bool) -
     return jnp.sum(weights * kv, axis=2)
 
 
-def add_position_bias(gate: jnp.ndarray, ape: jnp.ndarray, start: int = 0) -> jnp.ndarray:
+def add_position_bias(gate: jnp.ndarray, ape: jnp.ndarray, start=0) -> jnp.ndarray:
     """``gate[:, t] + ape[(start + t) % ratio]``; gate ``[B, T, w]``, ape ``[ratio, w]``."""
     T = gate.shape[1]
     idx = (start + jnp.arange(T)) % ape.shape[0]
@@ -77,9 +77,16 @@ class Compressor(nn.Module):
         return apply_rope(c, entry_positions, self.rope)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, state: dict | None = None, start: jnp.ndarray | None = None):
+        """Whole sequence: entries ``[B, T // ratio, c]``. With ``state`` (a cache, see
+        ``v4jax.inference.cache``) and the chunk's first position ``start``: (all entries, new state)."""
         s = self.spec
         kv, gate = self.project(x)
+        if state is not None:
+            from v4jax.inference.cache import compressor_step
+
+            gate = add_position_bias(gate, self.ape(), start)
+            return compressor_step(kv, gate, state, start, s.ratio, s.overlap, self.finish)
         gate = add_position_bias(gate, self.ape())
         pooled = pool_blocks(kv, gate, s.ratio, s.overlap)
         n = pooled.shape[1]

@@ -18,20 +18,25 @@ def window_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, window: int) -> jnp.ndar
 
 def attention_reference(q: jnp.ndarray, kv: jnp.ndarray, sink: jnp.ndarray, window: int,
                         comp: jnp.ndarray | None = None, comp_mask: jnp.ndarray | None = None,
-                        scale: float | None = None) -> jnp.ndarray:
+                        scale: float | None = None, kv_mask: jnp.ndarray | None = None) -> jnp.ndarray:
     """Dense masked sparse attention.
 
     q ``[B, T, H, c]``; kv ``[B, T, c]`` (window keys = values, position t at row t);
     sink ``[H]``; comp ``[B, N, c]`` compressed entries; comp_mask ``[B, T, N]`` bool
-    (visibility, and for CSA top-k membership). Returns ``[B, T, H, c]`` in fp32.
+    (visibility, and for CSA top-k membership). ``kv_mask`` ``[B, T, S]`` replaces the default
+    sliding window over ``S = T`` keys (used with a KV cache, where keys are ring slots + chunk).
+    Returns ``[B, T, H, c]`` in fp32.
     """
     B, T, H, c = q.shape
     scale = c ** -0.5 if scale is None else scale
     qf = q.astype(jnp.float32)
     kvf = kv.astype(jnp.float32)
-    pos = jnp.arange(T)
+    S = kv.shape[1]
     s_win = jnp.einsum("bthc,bsc->bhts", qf, kvf) * scale
-    s_win = jnp.where(window_mask(pos, pos, window)[None, None], s_win, -jnp.inf)
+    if kv_mask is None:
+        pos = jnp.arange(T)
+        kv_mask = window_mask(pos, pos, window)[None]
+    s_win = jnp.where(kv_mask[:, None], s_win, -jnp.inf)
     parts = [s_win]
     if comp is not None and comp.shape[1] > 0:
         cf = comp.astype(jnp.float32)
@@ -44,9 +49,9 @@ def attention_reference(q: jnp.ndarray, kv: jnp.ndarray, sink: jnp.ndarray, wind
     p = jnp.exp(logits - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / denom
-    out = jnp.einsum("bhts,bsc->bthc", p[..., :T], kvf)
+    out = jnp.einsum("bhts,bsc->bthc", p[..., :S], kvf)
     if len(parts) == 2:
-        out = out + jnp.einsum("bhtn,bnc->bthc", p[..., T:T + comp.shape[1]], cf)
+        out = out + jnp.einsum("bhtn,bnc->bthc", p[..., S:S + comp.shape[1]], cf)
     return out
 
 

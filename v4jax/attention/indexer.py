@@ -57,16 +57,24 @@ class Indexer(nn.Module):
         return q, w
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, qr: jnp.ndarray, return_scores: bool = False):
-        """x ``[B, T, d]``, qr ``[B, T, d_c]`` -> top-k indices ``[B, T, k']`` (and the scores)."""
+    def __call__(self, x: jnp.ndarray, qr: jnp.ndarray, return_scores: bool = False,
+                 state: dict | None = None, start: jnp.ndarray | None = None):
+        """x ``[B, T, d]``, qr ``[B, T, d_c]`` -> top-k indices ``[B, T, k']`` (and the scores).
+        With a cache ``state`` and chunk start ``start``, also returns the new state (last)."""
         s = self.spec
         T = x.shape[1]
-        positions = jnp.arange(T)
-        keys = Compressor(s.compressor, self.rope, self.param_dtype, name="compressor")(x)
+        comp = Compressor(s.compressor, self.rope, self.param_dtype, name="compressor")
+        if state is None:
+            positions = jnp.arange(T)
+            keys = comp(x)
+        else:
+            positions = start + jnp.arange(T)
+            keys, state = comp(x, state, start)
         q, w = self.queries(x, qr, positions)
         scores = indexer_scores(q, keys, w)
         visible = visible_entries(positions, keys.shape[1], s.compressor.ratio)[None]
         idx = select_topk(scores, visible, s.topk)
-        if return_scores:
-            return idx, jnp.where(visible, scores, -jnp.inf)
-        return idx
+        out = (idx, jnp.where(visible, scores, -jnp.inf)) if return_scores else (idx,)
+        if state is not None:
+            out = out + (state,)
+        return out if len(out) > 1 else idx

@@ -31,9 +31,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg.attention(self.layer_type), dt, pdt)
         self.ffn = MoE(cfg.moe(self.hash_routed), dt, pdt)
 
-    def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray):
+    def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray, cache: dict | None = None, start=None):
+        """-> (streams, router stats), plus the new layer cache when ``cache`` is given."""
         u, post, comb = self.hc_attn(x)
-        x = expand(x, self.attn(self.attn_norm(u)), post, comb)
+        if cache is None:
+            a = self.attn(self.attn_norm(u))
+        else:
+            a, cache = self.attn(self.attn_norm(u), cache=cache, start=start)
+        x = expand(x, a, post, comb)
         u, post, comb = self.hc_ffn(x)
         y, stats = self.ffn(self.ffn_norm(u), token_ids)
-        return expand(x, y, post, comb), stats
+        x = expand(x, y, post, comb)
+        return (x, stats) if cache is None else (x, stats, cache)

@@ -1,0 +1,117 @@
+"""Per-layer KV caches as one fixed-shape pytree (spec 3.8), and the pure update rules.
+
+Layout for ``batch`` sequences sharing one position counter ``pos`` (tokens seen so far):
+
+* every layer: ``window [B, W, c]``, a ring buffer; slot ``p % W`` holds position ``p``.
+* HCA / CSA: ``compressor``: ``kv``, ``gate [B, r, w]`` (fp32; projections and ``gate + ape`` of
+  the block being filled, row ``p % r``), ``entries [B, max_len // r, c]``; CSA also ``prev_kv``,
+  ``prev_gate [B, r, w]``: the last complete block's projections, whose first halves feed the
+  next entry (``prev_gate`` starts at -inf: entry 0 has no previous block).
+* CSA: ``indexer``: the same compressor state at width ``c_I`` (the indexer keys).
+
+``w = (1 + overlap) * c``. Shapes never change, so a jitted step compiles once per chunk length.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from v4jax.config import V4Config
+
+
+def _compressor_state(batch, max_len, ratio, out_dim, overlap, dtype):
+    w = (2 if overlap else 1) * out_dim
+    st = {"kv": jnp.zeros((batch, ratio, w), jnp.float32),
+          "gate": jnp.zeros((batch, ratio, w), jnp.float32),
+          "entries": jnp.zeros((batch, max_len // ratio, out_dim), dtype)}
+    if overlap:
+        st["prev_kv"] = jnp.zeros((batch, ratio, w), jnp.float32)
+        st["prev_gate"] = jnp.full((batch, ratio, w), -jnp.inf, jnp.float32)
+    return st
+
+
+def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    if max_len < 1 or max_len > cfg.max_seq_len:
+        raise ValueError(f"max_len must be in [1, {cfg.max_seq_len}], got {max_len}")
+    layers = []
+    for lt in cfg.layer_types:
+        c = {"window": jnp.zeros((batch, cfg.window_size, cfg.head_dim), dtype)}
+        if lt != "window":
+            r = cfg.ratio(lt)
+            c["compressor"] = _compressor_state(batch, max_len, r, cfg.head_dim, lt == "csa", dtype)
+        if lt == "csa":
+            c["indexer"] = _compressor_state(batch, max_len, cfg.csa_ratio, cfg.index_head_dim, True, dtype)
+        layers.append(c)
+    return {"pos": jnp.zeros((), jnp.int32), "max_len": jnp.asarray(max_len, jnp.int32), "layers": layers}
+
+
+def window_step(ring: jnp.ndarray, kv: jnp.ndarray, start: jnp.ndarray, window: int):
+    """Keys for a chunk: ``[ring | chunk]`` with their sliding-window mask, and the new ring.
+
+    ring ``[B, W, c]`` (positions < start), kv ``[B, T, c]`` at positions ``start + t``.
+    Returns keys ``[B, W+T, c]``, mask ``[1, T, W+T]`` and the updated ring."""
+    B, T, _ = kv.shape
+    slot = jnp.arange(window)
+    ring_pos = start - 1 - jnp.mod(start - 1 - slot, window)
+    q_pos = start + jnp.arange(T)
+    k_pos = jnp.concatenate([ring_pos, q_pos])
+    k_ok = jnp.concatenate([ring_pos >= 0, jnp.ones((T,), bool)])
+    d = q_pos[:, None] - k_pos[None, :]
+    mask = (k_ok[None] & (d >= 0) & (d < window))[None]
+    keep = q_pos >= start + T - window  # only the last W tokens land in the ring
+    dest = jnp.where(keep, jnp.mod(q_pos, window), window)
+    new_ring = ring.at[:, dest].set(kv.astype(ring.dtype), mode="drop")
+    return jnp.concatenate([ring, kv.astype(ring.dtype)], axis=1), mask, new_ring
+
+
+def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.ndarray, ratio: int,
+                    overlap: bool, finish: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]):
+    """Feed a chunk's projections into a compressor state; emit every block it completes.
+
+    kv, gate ``[B, T, w]`` fp32 (gate already includes ``ape``). ``finish(pooled, positions)``
+    applies the norm and RoPE. Returns (all entries ``[B, N, c]``, new state)."""
+    B, T, w = kv.shape
+    r = ratio
+    off = jnp.mod(start, r)
+    first_block = (start - off) // r
+    L = r + T
+    nb = L // r
+    j = jnp.arange(L)
+    from_state = (j < off)[None, :, None]
+    rows = jnp.clip(j, 0, r - 1)
+    cols = jnp.clip(j - off, 0, T - 1)
+    comb_kv = jnp.where(from_state, state["kv"][:, rows], kv[:, cols])
+    comb_g = jnp.where(from_state, state["gate"][:, rows], gate[:, cols])
+    blk_kv = comb_kv[:, : nb * r].reshape(B, nb, r, w)
+    blk_g = comb_g[:, : nb * r].reshape(B, nb, r, w)
+    if overlap:
+        c = w // 2
+        prev_kv = jnp.concatenate([state["prev_kv"][:, None], blk_kv[:, :-1]], axis=1)
+        prev_g = jnp.concatenate([state["prev_gate"][:, None], blk_g[:, :-1]], axis=1)
+        slot_kv = jnp.concatenate([prev_kv[..., :c], blk_kv[..., c:]], axis=2)
+        slot_g = jnp.concatenate([prev_g[..., :c], blk_g[..., c:]], axis=2)
+    else:
+        slot_kv, slot_g = blk_kv, blk_g
+    pooled = jnp.sum(jax.nn.softmax(slot_g, axis=2) * slot_kv, axis=2)
+    e_idx = first_block + jnp.arange(nb)
+    entries_new = finish(pooled, e_idx * r)
+    done = (jnp.arange(nb) + 1) * r <= off + T
+    n_max = state["entries"].shape[1]
+    dest = jnp.where(done, e_idx, n_max)
+    new = dict(state)
+    new["entries"] = state["entries"].at[:, dest].set(entries_new.astype(state["entries"].dtype), mode="drop")
+    n_done = (off + T) // r
+    pad = ((0, 0), (0, r), (0, 0))
+    comb_kv, comb_g = jnp.pad(comb_kv, pad), jnp.pad(comb_g, pad)
+    new["kv"] = jax.lax.dynamic_slice_in_dim(comb_kv, n_done * r, r, axis=1)
+    new["gate"] = jax.lax.dynamic_slice_in_dim(comb_g, n_done * r, r, axis=1)
+    if overlap:
+        last = jnp.maximum(n_done - 1, 0) * r
+        has = n_done >= 1
+        new["prev_kv"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_kv, last, r, axis=1), state["prev_kv"])
+        new["prev_gate"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_g, last, r, axis=1), state["prev_gate"])
+    return new["entries"], new
