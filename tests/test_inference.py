@@ -92,3 +92,15 @@ def test_cache_errors(case):
         m.extend(ids[:1, :3], cache)
     with pytest.raises(ValueError, match="max_len"):
         m.new_cache(1, 0)
+
+
+def test_cache_memory_matches_spec_arithmetic():
+    """bf16 cache growth per token from the real pytree equals the spec 3.8 formula:
+    CSA (512 + 128 indexer) x 2 B / 4, HCA 512 x 2 B / 128; Flash 21 CSA + 20 HCA, Pro 30 + 31."""
+    from v4jax.config import preset
+    from v4jax.inference.memory import cache_report
+    flash, pro = cache_report(preset("flash")), cache_report(preset("pro"))
+    assert flash.per_token == 21 * (512 + 128) * 2 / 4 + 20 * 512 * 2 / 128 == 6880
+    assert pro.per_token == 30 * (512 + 128) * 2 / 4 + 31 * 512 * 2 / 128 == 9848
+    assert abs(flash.total / 2 ** 30 - 6.7) < 0.05 and abs(pro.total / 2 ** 30 - 9.6) < 0.05
+    assert flash.v32_total == 788 * 61 * 2 ** 20
