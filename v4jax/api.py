@@ -86,18 +86,19 @@ class V4Model:
         out = self.module.apply(variables, ids, with_mtp=False, cache=cache)
         return out["logits"], out["cache"]
 
-    def new_cache(self, batch: int, max_len: int) -> dict:
-        """An empty fixed-shape cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    def new_cache(self, batch: int, max_len: int, fmt: str = "native") -> dict:
+        """An empty fixed-shape cache for ``batch`` sequences of up to ``max_len`` tokens.
+        ``fmt="fp8"`` stores entries as FP8 e4m3 (rope dims bf16), see ``inference/kv_format``."""
         from v4jax.inference.cache import init_cache
 
-        return init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype))
+        return init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype), fmt)
 
     def extend(self, ids, cache: dict):
         """Run the next chunk ``ids [B, T]`` of every sequence against ``cache``; returns
         (fp32 logits ``[B, T, vocab]``, new cache). Equal to the full forward's logits at those
         positions. One compile per (B, T) shape."""
         ids = check_token_ids(ids, self.cfg.vocab_size)
-        B = cache["layers"][0]["window"].shape[0] if cache["layers"] else ids.shape[0]
+        B = jax.tree.leaves(cache["layers"][0]["window"])[0].shape[0] if cache["layers"] else ids.shape[0]
         if ids.shape[0] != B:
             raise InputError(f"batch {ids.shape[0]} does not match the cache's batch {B}")
         pos, cap = int(cache["pos"]), int(cache["max_len"])
@@ -105,11 +106,11 @@ class V4Model:
             raise InputError(f"cache holds {cap} tokens: {pos} used, cannot add {ids.shape[1]}")
         return self._extend(self.variables, ids, cache)
 
-    def prefill(self, ids, max_len: int | None = None, chunk_size: int | None = None):
+    def prefill(self, ids, max_len: int | None = None, chunk_size: int | None = None, fmt: str = "native"):
         """Prefill a prompt (optionally in chunks); returns (logits of the prompt, cache)."""
         ids = check_token_ids(ids, self.cfg.vocab_size)
         B, T = ids.shape
-        cache = self.new_cache(B, max_len or T)
+        cache = self.new_cache(B, max_len or T, fmt)
         chunk_size = chunk_size or T
         outs = []
         for s in range(0, T, chunk_size):
@@ -118,12 +119,14 @@ class V4Model:
         return jnp.concatenate(outs, axis=1), cache
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, stop_tokens=None, chunk_size: int | None = None) -> np.ndarray:
+                 seed: int = 0, stop_tokens=None, chunk_size: int | None = None,
+                 on_token=None) -> np.ndarray:
         """Autoregressive generation from prompts ``ids [B, P]`` (same length). Greedy when
         ``temperature == 0``, else temperature + nucleus (``top_p``) sampling. ``stop_tokens``
         (default: the config's eos; ``()`` for none) end a sequence; positions after its stop are
         filled with the stop token and generation ends when every sequence stopped. Returns the
-        new token ids ``[B, n <= max_new_tokens]``."""
+        new token ids ``[B, n <= max_new_tokens]``. ``on_token(step, tokens[B])`` is called as each
+        step's tokens are chosen (streaming)."""
         from v4jax.inference.sampling import sample_next
 
         if max_new_tokens < 1:
@@ -143,6 +146,8 @@ class V4Model:
             tok = np.asarray(sample_next(last, jax.random.fold_in(key, step), temperature, top_p))
             tok = np.where(done, fill, tok).astype(np.int32)
             out.append(tok)
+            if on_token is not None:
+                on_token(step, tok)
             hit = np.isin(tok, stop) & ~done
             fill = np.where(hit, tok, fill)
             done |= hit

@@ -20,31 +20,37 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.config import V4Config
+from v4jax.inference import kv_format
 
 
-def _compressor_state(batch, max_len, ratio, out_dim, overlap, dtype):
+def _compressor_state(batch, max_len, ratio, out_dim, overlap, dtype, fmt="native", rope_dim=0, kind="main"):
     w = (2 if overlap else 1) * out_dim
     st = {"kv": jnp.zeros((batch, ratio, w), jnp.float32),
           "gate": jnp.zeros((batch, ratio, w), jnp.float32),
-          "entries": jnp.zeros((batch, max_len // ratio, out_dim), dtype)}
+          "entries": kv_format.empty((batch, max_len // ratio, out_dim), dtype, fmt, rope_dim, kind)}
     if overlap:
         st["prev_kv"] = jnp.zeros((batch, ratio, w), jnp.float32)
         st["prev_gate"] = jnp.full((batch, ratio, w), -jnp.inf, jnp.float32)
     return st
 
 
-def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens."""
+def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=jnp.float32, fmt: str = "native") -> dict:
+    """An empty cache for ``batch`` sequences of up to ``max_len`` tokens. ``fmt`` is the storage
+    of the cached entries: ``"native"`` (``dtype``) or ``"fp8"`` (see ``kv_format``)."""
     if max_len < 1 or max_len > cfg.max_seq_len:
         raise ValueError(f"max_len must be in [1, {cfg.max_seq_len}], got {max_len}")
+    if fmt not in ("native", "fp8"):
+        raise ValueError(f"cache format must be 'native' or 'fp8', got {fmt!r}")
     layers = []
+    r_dim = cfg.rope_head_dim
     for lt in cfg.layer_types:
-        c = {"window": jnp.zeros((batch, cfg.window_size, cfg.head_dim), dtype)}
+        c = {"window": kv_format.empty((batch, cfg.window_size, cfg.head_dim), dtype, fmt, r_dim)}
         if lt != "window":
             r = cfg.ratio(lt)
-            c["compressor"] = _compressor_state(batch, max_len, r, cfg.head_dim, lt == "csa", dtype)
+            c["compressor"] = _compressor_state(batch, max_len, r, cfg.head_dim, lt == "csa", dtype, fmt, r_dim)
         if lt == "csa":
-            c["indexer"] = _compressor_state(batch, max_len, cfg.csa_ratio, cfg.index_head_dim, True, dtype)
+            c["indexer"] = _compressor_state(batch, max_len, cfg.csa_ratio, cfg.index_head_dim, True, dtype, fmt, 0,
+                                            "index")
         layers.append(c)
     return {"pos": jnp.zeros((), jnp.int32), "max_len": jnp.asarray(max_len, jnp.int32), "layers": layers}
 
@@ -64,8 +70,9 @@ def window_step(ring: jnp.ndarray, kv: jnp.ndarray, start: jnp.ndarray, window: 
     mask = (k_ok[None] & (d >= 0) & (d < window))[None]
     keep = q_pos >= start + T - window  # only the last W tokens land in the ring
     dest = jnp.where(keep, jnp.mod(q_pos, window), window)
-    new_ring = ring.at[:, dest].set(kv.astype(ring.dtype), mode="drop")
-    return jnp.concatenate([ring, kv.astype(ring.dtype)], axis=1), mask, new_ring
+    new_ring = kv_format.store(ring, dest, kv)
+    keys = jnp.concatenate([kv_format.load(ring).astype(kv.dtype), kv], axis=1)
+    return keys, mask, new_ring
 
 
 def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.ndarray, ratio: int,
@@ -100,10 +107,10 @@ def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.
     e_idx = first_block + jnp.arange(nb)
     entries_new = finish(pooled, e_idx * r)
     done = (jnp.arange(nb) + 1) * r <= off + T
-    n_max = state["entries"].shape[1]
+    n_max = jax.tree.leaves(state["entries"])[0].shape[1]
     dest = jnp.where(done, e_idx, n_max)
     new = dict(state)
-    new["entries"] = state["entries"].at[:, dest].set(entries_new.astype(state["entries"].dtype), mode="drop")
+    new["entries"] = kv_format.store(state["entries"], dest, entries_new)
     n_done = (off + T) // r
     pad = ((0, 0), (0, r), (0, 0))
     comb_kv, comb_g = jnp.pad(comb_kv, pad), jnp.pad(comb_g, pad)
@@ -114,4 +121,4 @@ def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.
         has = n_done >= 1
         new["prev_kv"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_kv, last, r, axis=1), state["prev_kv"])
         new["prev_gate"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_g, last, r, axis=1), state["prev_gate"])
-    return new["entries"], new
+    return kv_format.load(new["entries"]), new

@@ -15,10 +15,11 @@ V32_MLA_BYTES_PER_LAYER = 656 + 132   # MLA latent + indexer key per token per l
 V32_LAYERS = 61
 
 
-def cache_bytes(cfg: V4Config, max_len: int, batch: int = 1, dtype=jnp.bfloat16) -> int:
+def cache_bytes(cfg: V4Config, max_len: int, batch: int = 1, dtype=jnp.bfloat16, fmt: str = "native") -> int:
     """Bytes of the cache pytree for ``batch`` sequences of ``max_len`` tokens."""
-    tree = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    tree = jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype, fmt))
+    nbytes = lambda x: x.size // 2 if x.dtype == jnp.float4_e2m1fn else x.size * x.dtype.itemsize  # FP4 packed
+    return sum(nbytes(x) for x in jax.tree.leaves(tree))
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,18 @@ class CacheReport:
                 f"{100 * self.total / self.gqa8_total:.1f}% |")
 
 
-def cache_report(cfg: V4Config, context: int = 2 ** 20, dtype=jnp.bfloat16) -> CacheReport:
+def cache_report(cfg: V4Config, context: int = 2 ** 20, dtype=jnp.bfloat16, fmt: str = "native") -> CacheReport:
     """Cache size of one sequence at ``context`` tokens, from the pytree, and the baselines."""
     lcm = 4 * cfg.hca_ratio
     big, small = context - context % lcm, lcm
-    per_token = (cache_bytes(cfg, big, 1, dtype) - cache_bytes(cfg, small, 1, dtype)) / (big - small)
-    total = cache_bytes(cfg, context, 1, dtype)
+    size = lambda n: cache_bytes(cfg, n, 1, dtype, fmt)
+    per_token = (size(big) - size(small)) / (big - small)
+    total = size(context)
     constant = int(round(total - per_token * context))
     v32 = V32_MLA_BYTES_PER_LAYER * V32_LAYERS * context
     gqa = 2 * 8 * 128 * 2 * cfg.n_layers * context
-    return CacheReport(cfg.name, context, per_token, constant, total, v32, gqa)
+    name = cfg.name if fmt == "native" else f"{cfg.name} ({fmt})"
+    return CacheReport(name, context, per_token, constant, total, v32, gqa)
 
 
 HEADER = ("| model | bytes/token | cache at 1M tokens (GiB) | V3.2 MLA (GiB) | ratio | bf16 GQA-8 (GiB) | ratio |\n"
@@ -64,10 +67,12 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=2 ** 20)
     ap.add_argument("--preset", nargs="*", default=["flash", "pro"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--format", nargs="*", default=["native", "fp8"], help="cache storage formats")
     a = ap.parse_args(argv)
     print(HEADER.replace("1M", f"{a.context:,}"))
-    for name in a.preset:
-        print(cache_report(preset(name), a.context, jnp.dtype(a.dtype)).row())
+    for fmt in a.format:
+        for name in a.preset:
+            print(cache_report(preset(name), a.context, jnp.dtype(a.dtype), fmt).row())
 
 
 if __name__ == "__main__":
