@@ -31,7 +31,7 @@ def run_chunks(m, ids, chunks, max_len=None):
         logits, cache = m.extend(ids[:, p:p + n], cache)
         outs.append(np.asarray(logits))
         p += n
-    assert p == ids.shape[1] and int(cache["pos"]) == p
+    assert p == ids.shape[1] and (np.asarray(cache["pos"]) == p).all()
     return np.concatenate(outs, axis=1)
 
 
@@ -184,3 +184,18 @@ def test_fp8_cache_memory_matches_spec_arithmetic():
     assert flash.per_token == 21 * (583 + 68) / 4 + 20 * 583 / 128
     assert pro.per_token == 30 * (583 + 68) / 4 + 31 * 583 / 128
     assert round(100 * flash.total / flash.v32_total, 1) == 7.3 and round(100 * pro.total / pro.v32_total, 1) == 10.5
+
+
+def test_right_padded_prompts_of_different_lengths(case):
+    """Rows of different lengths in one batch: each row's logits and greedy continuation equal
+    those of the row run alone (padding never enters a window, a compressor block or an entry)."""
+    m, ids, _ = case
+    lengths = np.array([13, 22])
+    padded = ids[:, :22].copy()
+    padded[0, 13:] = 0  # padding tokens
+    logits, _ = m.prefill(padded, 40, chunk_size=9, lengths=lengths)
+    new = m.generate(padded, 6, stop_tokens=(), lengths=lengths, chunk_size=9)
+    for b, n in enumerate(lengths):
+        alone = np.asarray(m(ids[b:b + 1, :n]))
+        np.testing.assert_allclose(np.asarray(logits)[b, :n], alone[0], rtol=1e-4, atol=1e-4 * np.abs(alone).max())
+        np.testing.assert_array_equal(new[b], m.generate(ids[b:b + 1, :n], 6, stop_tokens=())[0])

@@ -82,46 +82,60 @@ class V4Model:
         return self._forward(self.variables, ids, with_mtp=with_mtp)
 
     # -- cached inference (prefill in chunks of any size, decode = a chunk of one) ---------------
-    def _pure_extend(self, variables, ids, cache):
-        out = self.module.apply(variables, ids, with_mtp=False, cache=cache)
+    def _pure_extend(self, variables, ids, cache, n_valid):
+        out = self.module.apply(variables, ids, with_mtp=False, cache=cache, n_valid=n_valid)
         return out["logits"], out["cache"]
 
     def new_cache(self, batch: int, max_len: int, fmt: str = "native") -> dict:
         """An empty fixed-shape cache for ``batch`` sequences of up to ``max_len`` tokens.
-        ``fmt="fp8"`` stores entries as FP8 e4m3 (rope dims bf16), see ``inference/kv_format``."""
+        ``fmt="fp8"`` stores entries as FP8 e4m3 (rope dims bf16) and indexer keys as FP4, see
+        ``inference/kv_format``."""
         from v4jax.inference.cache import init_cache
 
         return init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype), fmt)
 
-    def extend(self, ids, cache: dict):
+    def extend(self, ids, cache: dict, lengths=None):
         """Run the next chunk ``ids [B, T]`` of every sequence against ``cache``; returns
-        (fp32 logits ``[B, T, vocab]``, new cache). Equal to the full forward's logits at those
-        positions. One compile per (B, T) shape."""
-        ids = check_token_ids(ids, self.cfg.vocab_size)
-        B = jax.tree.leaves(cache["layers"][0]["window"])[0].shape[0] if cache["layers"] else ids.shape[0]
-        if ids.shape[0] != B:
-            raise InputError(f"batch {ids.shape[0]} does not match the cache's batch {B}")
-        pos, cap = int(cache["pos"]), int(cache["max_len"])
-        if pos + ids.shape[1] > cap:
-            raise InputError(f"cache holds {cap} tokens: {pos} used, cannot add {ids.shape[1]}")
-        return self._extend(self.variables, ids, cache)
-
-    def prefill(self, ids, max_len: int | None = None, chunk_size: int | None = None, fmt: str = "native"):
-        """Prefill a prompt (optionally in chunks); returns (logits of the prompt, cache)."""
+        (fp32 logits ``[B, T, vocab]``, new cache), equal to the full forward's logits at those
+        positions. ``lengths [B]``: real tokens per row (right padding; default T); logits at
+        padded positions are meaningless. One compile per (B, T) shape."""
         ids = check_token_ids(ids, self.cfg.vocab_size)
         B, T = ids.shape
+        cache_b = cache["pos"].shape[0]
+        if B != cache_b:
+            raise InputError(f"batch {B} does not match the cache's batch {cache_b}")
+        n_valid = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+        if n_valid.shape != (B,) or (n_valid < 0).any() or (n_valid > T).any():
+            raise InputError(f"lengths must be {B} integers in [0, {T}], got {lengths}")
+        pos, cap = np.asarray(cache["pos"]), int(cache["max_len"])
+        if (pos + n_valid > cap).any():
+            raise InputError(f"cache holds {cap} tokens: {int(pos.max())} used, cannot add {int(n_valid.max())}")
+        return self._extend(self.variables, ids, cache, jnp.asarray(n_valid))
+
+    def prefill(self, ids, max_len: int | None = None, chunk_size: int | None = None, fmt: str = "native",
+                lengths=None):
+        """Prefill prompts ``ids [B, P]`` (optionally in chunks); right-padded rows of different
+        lengths are given by ``lengths [B]``. Returns (logits ``[B, P, vocab]``, cache)."""
+        ids = check_token_ids(ids, self.cfg.vocab_size)
+        B, T = ids.shape
+        lengths = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+        if lengths.shape != (B,) or (lengths < 1).any() or (lengths > T).any():
+            raise InputError(f"lengths must be {B} integers in [1, {T}], got {lengths.tolist()}")
         cache = self.new_cache(B, max_len or T, fmt)
         chunk_size = chunk_size or T
         outs = []
         for s in range(0, T, chunk_size):
-            logits, cache = self.extend(ids[:, s:s + chunk_size], cache)
+            chunk = ids[:, s:s + chunk_size]
+            n = np.clip(lengths - s, 0, chunk.shape[1])
+            logits, cache = self.extend(chunk, cache, n)
             outs.append(logits)
         return jnp.concatenate(outs, axis=1), cache
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_tokens=None, chunk_size: int | None = None,
-                 on_token=None) -> np.ndarray:
-        """Autoregressive generation from prompts ``ids [B, P]`` (same length). Greedy when
+                 on_token=None, lengths=None, cache_format: str = "native") -> np.ndarray:
+        """Autoregressive generation from prompts ``ids [B, P]`` (right-padded when ``lengths [B]``
+        gives different prompt lengths; each row continues after its own last token). Greedy when
         ``temperature == 0``, else temperature + nucleus (``top_p``) sampling. ``stop_tokens``
         (default: the config's eos; ``()`` for none) end a sequence; positions after its stop are
         filled with the stop token and generation ends when every sequence stopped. Returns the
@@ -136,12 +150,13 @@ class V4Model:
         stop = (self.cfg.eos_token_id,) if stop_tokens is None else tuple(stop_tokens)
         ids = check_token_ids(ids, self.cfg.vocab_size)
         B, P = ids.shape
-        logits, cache = self.prefill(ids, P + max_new_tokens, chunk_size)
+        lengths = np.full((B,), P, np.int32) if lengths is None else np.asarray(lengths, np.int32)
+        logits, cache = self.prefill(ids, P + max_new_tokens, chunk_size, cache_format, lengths)
         key = jax.random.key(seed)
         done = np.zeros(B, bool)
         fill = np.zeros(B, np.int32)
         out = []
-        last = logits[:, -1]
+        last = logits[np.arange(B), lengths - 1]
         for step in range(max_new_tokens):
             tok = np.asarray(sample_next(last, jax.random.fold_in(key, step), temperature, top_p))
             tok = np.where(done, fill, tok).astype(np.int32)

@@ -29,7 +29,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, return_indexer: bool = False, cache: dict | None = None,
-                 start: jnp.ndarray | None = None):
+                 start: jnp.ndarray | None = None, n_valid: jnp.ndarray | None = None):
         """Whole sequence (``cache=None``), or a chunk at positions ``start + t`` against a layer
         cache (``v4jax.inference.cache``), returning ``(out, new_cache)``."""
         s = self.spec
@@ -38,7 +38,7 @@ class Attention(nn.Module):
                 f"attention_impl={s.impl!r}: the Pallas kernels are not built yet; use 'reference'")
         B, T, _ = x.shape
         H, c = s.n_heads, s.head_dim
-        pos = jnp.arange(T) if cache is None else start + jnp.arange(T)
+        pos = jnp.arange(T) if cache is None else start[:, None] + jnp.arange(T)
         lin = lambda f, axes, name: Linear(f, axes, self.dtype, self.param_dtype, name=name)
 
         # 3.1 query path
@@ -57,21 +57,22 @@ class Attention(nn.Module):
         if cache is not None:
             from v4jax.inference.cache import window_step
 
-            kv, kv_mask, new_cache["window"] = window_step(cache["window"], kv, start, s.window)
+            kv, kv_mask, new_cache["window"] = window_step(cache["window"], kv, start, s.window, n_valid)
         if s.compressor is not None:
             compressor = Compressor(s.compressor, s.rope, self.param_dtype, name="compressor")
             if cache is None:
                 comp = compressor(x)
             else:
-                comp, new_cache["compressor"] = compressor(x, cache["compressor"], start)
+                comp, new_cache["compressor"] = compressor(x, cache["compressor"], start, n_valid)
             n = comp.shape[1]
-            comp_mask = jnp.broadcast_to(visible_entries(pos, n, s.compressor.ratio)[None], (B, T, n))
+            vis = visible_entries(pos, n, s.compressor.ratio)
+            comp_mask = jnp.broadcast_to(vis if vis.ndim == 3 else vis[None], (B, T, n))
             if s.indexer is not None:
                 indexer = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, name="indexer")
                 if cache is None:
                     idx, scores = indexer(x, qr, return_scores=True)
                 else:
-                    idx, scores, new_cache["indexer"] = indexer(x, qr, True, cache["indexer"], start)
+                    idx, scores, new_cache["indexer"] = indexer(x, qr, True, cache["indexer"], start, n_valid)
                 aux = {"topk": idx, "index_scores": scores}
                 if not s.dense_compressed:
                     comp_mask = comp_mask & topk_to_mask(idx, n)

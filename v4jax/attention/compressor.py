@@ -40,10 +40,12 @@ def pool_blocks(kv: jnp.ndarray, gate: jnp.ndarray, ratio: int, overlap: bool) -
 
 
 def add_position_bias(gate: jnp.ndarray, ape: jnp.ndarray, start=0) -> jnp.ndarray:
-    """``gate[:, t] + ape[(start + t) % ratio]``; gate ``[B, T, w]``, ape ``[ratio, w]``."""
+    """``gate[b, t] + ape[(start[b] + t) % ratio]``; gate ``[B, T, w]``, ape ``[ratio, w]``,
+    start a scalar or ``[B]``."""
     T = gate.shape[1]
-    idx = (start + jnp.arange(T)) % ape.shape[0]
-    return gate + ape[idx][None].astype(gate.dtype)
+    idx = (jnp.asarray(start)[..., None] + jnp.arange(T)) % ape.shape[0]
+    bias = ape[idx].astype(gate.dtype)
+    return gate + (bias if bias.ndim == 3 else bias[None])
 
 
 class Compressor(nn.Module):
@@ -77,7 +79,8 @@ class Compressor(nn.Module):
         return apply_rope(c, entry_positions, self.rope)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, state: dict | None = None, start: jnp.ndarray | None = None):
+    def __call__(self, x: jnp.ndarray, state: dict | None = None, start: jnp.ndarray | None = None,
+                 n_valid: jnp.ndarray | None = None):
         """Whole sequence: entries ``[B, T // ratio, c]``. With ``state`` (a cache, see
         ``v4jax.inference.cache``) and the chunk's first position ``start``: (all entries, new state)."""
         s = self.spec
@@ -86,7 +89,7 @@ class Compressor(nn.Module):
             from v4jax.inference.cache import compressor_step
 
             gate = add_position_bias(gate, self.ape(), start)
-            return compressor_step(kv, gate, state, start, s.ratio, s.overlap, self.finish)
+            return compressor_step(kv, gate, state, start, s.ratio, s.overlap, self.finish, n_valid)
         gate = add_position_bias(gate, self.ape())
         pooled = pool_blocks(kv, gate, s.ratio, s.overlap)
         n = pooled.shape[1]

@@ -58,7 +58,7 @@ class Indexer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, qr: jnp.ndarray, return_scores: bool = False,
-                 state: dict | None = None, start: jnp.ndarray | None = None):
+                 state: dict | None = None, start: jnp.ndarray | None = None, n_valid=None):
         """x ``[B, T, d]``, qr ``[B, T, d_c]`` -> top-k indices ``[B, T, k']`` (and the scores).
         With a cache ``state`` and chunk start ``start``, also returns the new state (last)."""
         s = self.spec
@@ -68,11 +68,13 @@ class Indexer(nn.Module):
             positions = jnp.arange(T)
             keys = comp(x)
         else:
-            positions = start + jnp.arange(T)
-            keys, state = comp(x, state, start)
+            positions = start[:, None] + jnp.arange(T)
+            keys, state = comp(x, state, start, n_valid)
         q, w = self.queries(x, qr, positions)
         scores = indexer_scores(q, keys, w)
-        visible = visible_entries(positions, keys.shape[1], s.compressor.ratio)[None]
+        visible = visible_entries(positions, keys.shape[1], s.compressor.ratio)
+        if visible.ndim == 2:
+            visible = visible[None]
         idx = select_topk(scores, visible, s.topk)
         out = (idx, jnp.where(visible, scores, -jnp.inf)) if return_scores else (idx,)
         if state is not None:

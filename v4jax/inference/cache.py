@@ -1,6 +1,6 @@
 """Per-layer KV caches as one fixed-shape pytree (spec 3.8), and the pure update rules.
 
-Layout for ``batch`` sequences sharing one position counter ``pos`` (tokens seen so far):
+Layout for ``batch`` sequences, each with its own position counter ``pos[b]`` (tokens seen so far):
 
 * every layer: ``window [B, W, c]``, a ring buffer; slot ``p % W`` holds position ``p``.
 * HCA / CSA: ``compressor``: ``kv``, ``gate [B, r, w]`` (fp32; projections and ``gate + ape`` of
@@ -52,73 +52,82 @@ def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=jnp.float32, fmt: 
             c["indexer"] = _compressor_state(batch, max_len, cfg.csa_ratio, cfg.index_head_dim, True, dtype, fmt, 0,
                                             "index")
         layers.append(c)
-    return {"pos": jnp.zeros((), jnp.int32), "max_len": jnp.asarray(max_len, jnp.int32), "layers": layers}
+    return {"pos": jnp.zeros((batch,), jnp.int32), "max_len": jnp.asarray(max_len, jnp.int32), "layers": layers}
 
 
-def window_step(ring: jnp.ndarray, kv: jnp.ndarray, start: jnp.ndarray, window: int):
+def window_step(ring, kv: jnp.ndarray, start: jnp.ndarray, window: int, n_valid: jnp.ndarray):
     """Keys for a chunk: ``[ring | chunk]`` with their sliding-window mask, and the new ring.
 
-    ring ``[B, W, c]`` (positions < start), kv ``[B, T, c]`` at positions ``start + t``.
-    Returns keys ``[B, W+T, c]``, mask ``[1, T, W+T]`` and the updated ring."""
-    B, T, _ = kv.shape
-    slot = jnp.arange(window)
-    ring_pos = start - 1 - jnp.mod(start - 1 - slot, window)
-    q_pos = start + jnp.arange(T)
-    k_pos = jnp.concatenate([ring_pos, q_pos])
-    k_ok = jnp.concatenate([ring_pos >= 0, jnp.ones((T,), bool)])
-    d = q_pos[:, None] - k_pos[None, :]
-    mask = (k_ok[None] & (d >= 0) & (d < window))[None]
-    keep = q_pos >= start + T - window  # only the last W tokens land in the ring
-    dest = jnp.where(keep, jnp.mod(q_pos, window), window)
-    new_ring = kv_format.store(ring, dest, kv)
-    keys = jnp.concatenate([kv_format.load(ring).astype(kv.dtype), kv], axis=1)
-    return keys, mask, new_ring
+    ring ``[B, W, c]`` (positions < start), kv ``[B, T, c]`` at positions ``start[b] + t``;
+    only the first ``n_valid[b]`` chunk tokens are real (right padding). Returns keys
+    ``[B, W+T, c]``, mask ``[B, T, W+T]`` and the updated ring."""
+    T = kv.shape[1]
+
+    def one(ring, kv, start, n_valid):
+        slot = jnp.arange(window)
+        ring_pos = start - 1 - jnp.mod(start - 1 - slot, window)
+        q_pos = start + jnp.arange(T)
+        k_pos = jnp.concatenate([ring_pos, q_pos])
+        k_ok = jnp.concatenate([ring_pos >= 0, jnp.ones((T,), bool)])
+        d = q_pos[:, None] - k_pos[None, :]
+        mask = k_ok[None] & (d >= 0) & (d < window)
+        t = jnp.arange(T)
+        keep = (t < n_valid) & (q_pos >= start + n_valid - window)  # the last W real tokens
+        new_ring = kv_format.store(ring, jnp.where(keep, jnp.mod(q_pos, window), window), kv)
+        keys = jnp.concatenate([kv_format.load(ring).astype(kv.dtype), kv], axis=0)
+        return keys, mask, new_ring
+
+    return jax.vmap(one)(ring, kv, start, n_valid)
 
 
 def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.ndarray, ratio: int,
-                    overlap: bool, finish: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]):
+                    overlap: bool, finish: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
+                    n_valid: jnp.ndarray):
     """Feed a chunk's projections into a compressor state; emit every block it completes.
 
-    kv, gate ``[B, T, w]`` fp32 (gate already includes ``ape``). ``finish(pooled, positions)``
-    applies the norm and RoPE. Returns (all entries ``[B, N, c]``, new state)."""
+    kv, gate ``[B, T, w]`` fp32 (gate already includes ``ape``); ``start``, ``n_valid`` ``[B]``.
+    ``finish(pooled, positions)`` applies the norm and RoPE (batched). Returns (all entries
+    ``[B, N, c]``, new state)."""
     B, T, w = kv.shape
     r = ratio
-    off = jnp.mod(start, r)
-    first_block = (start - off) // r
     L = r + T
     nb = L // r
-    j = jnp.arange(L)
-    from_state = (j < off)[None, :, None]
-    rows = jnp.clip(j, 0, r - 1)
-    cols = jnp.clip(j - off, 0, T - 1)
-    comb_kv = jnp.where(from_state, state["kv"][:, rows], kv[:, cols])
-    comb_g = jnp.where(from_state, state["gate"][:, rows], gate[:, cols])
-    blk_kv = comb_kv[:, : nb * r].reshape(B, nb, r, w)
-    blk_g = comb_g[:, : nb * r].reshape(B, nb, r, w)
-    if overlap:
-        c = w // 2
-        prev_kv = jnp.concatenate([state["prev_kv"][:, None], blk_kv[:, :-1]], axis=1)
-        prev_g = jnp.concatenate([state["prev_gate"][:, None], blk_g[:, :-1]], axis=1)
-        slot_kv = jnp.concatenate([prev_kv[..., :c], blk_kv[..., c:]], axis=2)
-        slot_g = jnp.concatenate([prev_g[..., :c], blk_g[..., c:]], axis=2)
-    else:
-        slot_kv, slot_g = blk_kv, blk_g
-    pooled = jnp.sum(jax.nn.softmax(slot_g, axis=2) * slot_kv, axis=2)
-    e_idx = first_block + jnp.arange(nb)
+
+    def pool(kv, gate, st, start, n_valid):
+        off = jnp.mod(start, r)
+        j = jnp.arange(L)
+        from_state = (j < off)[:, None]
+        rows, cols = jnp.clip(j, 0, r - 1), jnp.clip(j - off, 0, T - 1)
+        comb_kv = jnp.where(from_state, st["kv"][rows], kv[cols])
+        comb_g = jnp.where(from_state, st["gate"][rows], gate[cols])
+        blk_kv = comb_kv[: nb * r].reshape(nb, r, w)
+        blk_g = comb_g[: nb * r].reshape(nb, r, w)
+        if overlap:
+            c = w // 2
+            prev_kv = jnp.concatenate([st["prev_kv"][None], blk_kv[:-1]], axis=0)
+            prev_g = jnp.concatenate([st["prev_gate"][None], blk_g[:-1]], axis=0)
+            slot_kv = jnp.concatenate([prev_kv[..., :c], blk_kv[..., c:]], axis=1)
+            slot_g = jnp.concatenate([prev_g[..., :c], blk_g[..., c:]], axis=1)
+        else:
+            slot_kv, slot_g = blk_kv, blk_g
+        pooled = jnp.sum(jax.nn.softmax(slot_g, axis=1) * slot_kv, axis=1)
+        e_idx = (start - off) // r + jnp.arange(nb)
+        done = (jnp.arange(nb) + 1) * r <= off + n_valid
+        n_done = (off + n_valid) // r
+        new = {}
+        comb_kv, comb_g = jnp.pad(comb_kv, ((0, r), (0, 0))), jnp.pad(comb_g, ((0, r), (0, 0)))
+        new["kv"] = jax.lax.dynamic_slice_in_dim(comb_kv, n_done * r, r, axis=0)
+        new["gate"] = jax.lax.dynamic_slice_in_dim(comb_g, n_done * r, r, axis=0)
+        if overlap:
+            last, has = jnp.maximum(n_done - 1, 0) * r, n_done >= 1
+            new["prev_kv"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_kv, last, r, axis=0), st["prev_kv"])
+            new["prev_gate"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_g, last, r, axis=0), st["prev_gate"])
+        return pooled, e_idx, done, new
+
+    small = {k: v for k, v in state.items() if k != "entries"}
+    pooled, e_idx, done, new = jax.vmap(pool)(kv, gate, small, start, n_valid)
     entries_new = finish(pooled, e_idx * r)
-    done = (jnp.arange(nb) + 1) * r <= off + T
     n_max = jax.tree.leaves(state["entries"])[0].shape[1]
     dest = jnp.where(done, e_idx, n_max)
-    new = dict(state)
-    new["entries"] = kv_format.store(state["entries"], dest, entries_new)
-    n_done = (off + T) // r
-    pad = ((0, 0), (0, r), (0, 0))
-    comb_kv, comb_g = jnp.pad(comb_kv, pad), jnp.pad(comb_g, pad)
-    new["kv"] = jax.lax.dynamic_slice_in_dim(comb_kv, n_done * r, r, axis=1)
-    new["gate"] = jax.lax.dynamic_slice_in_dim(comb_g, n_done * r, r, axis=1)
-    if overlap:
-        last = jnp.maximum(n_done - 1, 0) * r
-        has = n_done >= 1
-        new["prev_kv"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_kv, last, r, axis=1), state["prev_kv"])
-        new["prev_gate"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_g, last, r, axis=1), state["prev_gate"])
+    new["entries"] = jax.vmap(kv_format.store)(state["entries"], dest, entries_new)
     return kv_format.load(new["entries"]), new

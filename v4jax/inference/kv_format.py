@@ -100,6 +100,6 @@ def load(buf) -> jnp.ndarray:
 
 
 def store(buf, dest: jnp.ndarray, values: jnp.ndarray):
-    """``buf[:, dest] = values`` (out-of-range ``dest`` entries are dropped)."""
+    """One sequence: ``buf[dest] = values`` (out-of-range ``dest`` entries are dropped)."""
     enc = encode(values, buf)
-    return jax.tree.map(lambda b, v: b.at[:, dest].set(v, mode="drop"), buf, enc)
+    return jax.tree.map(lambda b, v: b.at[dest].set(v, mode="drop"), buf, enc)

@@ -31,13 +31,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg.attention(self.layer_type), dt, pdt)
         self.ffn = MoE(cfg.moe(self.hash_routed), dt, pdt)
 
-    def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray, cache: dict | None = None, start=None):
+    def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray, cache: dict | None = None, start=None,
+                 n_valid=None):
         """-> (streams, router stats), plus the new layer cache when ``cache`` is given."""
         u, post, comb = self.hc_attn(x)
         if cache is None:
             a = self.attn(self.attn_norm(u))
         else:
-            a, cache = self.attn(self.attn_norm(u), cache=cache, start=start)
+            a, cache = self.attn(self.attn_norm(u), cache=cache, start=start, n_valid=n_valid)
         x = expand(x, a, post, comb)
         u, post, comb = self.hc_ffn(x)
         y, stats = self.ffn(self.ffn_norm(u), token_ids)

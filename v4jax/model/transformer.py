@@ -45,9 +45,11 @@ class Transformer(nn.Module):
     def logits(self, h: jnp.ndarray) -> jnp.ndarray:
         return self.head(h).astype(jnp.float32)
 
-    def __call__(self, ids: jnp.ndarray, with_mtp: bool | None = None, cache: dict | None = None):
+    def __call__(self, ids: jnp.ndarray, with_mtp: bool | None = None, cache: dict | None = None,
+                 n_valid: jnp.ndarray | None = None):
         """With ``cache`` (``v4jax.inference.cache.init_cache``), ``ids`` is the next chunk of every
-        sequence (positions ``cache["pos"] + t``) and ``out["cache"]`` is the updated cache."""
+        sequence (positions ``cache["pos"][b] + t``; only the first ``n_valid[b]`` tokens are real,
+        default all) and ``out["cache"]`` is the updated cache."""
         cfg = self.cfg
         h = self.embed(ids)
         x = jnp.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)
@@ -57,12 +59,16 @@ class Transformer(nn.Module):
             if cache is None:
                 x, st = layer(x, ids)
             else:
-                x, st, lc = layer(x, ids, cache["layers"][i], cache["pos"])
+                if n_valid is None:
+                    n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
+                x, st, lc = layer(x, ids, cache["layers"][i], cache["pos"], n_valid)
                 new_layers.append(lc)
             stats.append(st)
         out = {"logits": self.logits(self.norm(self.hc_head(x))), "hidden": x, "moe": stats}
         if cache is not None:
-            out["cache"] = {**cache, "pos": cache["pos"] + ids.shape[1], "layers": new_layers}
+            if n_valid is None:
+                n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
+            out["cache"] = {**cache, "pos": cache["pos"] + n_valid, "layers": new_layers}
             return out
         run_mtp = cfg.n_mtp_layers > 0 if with_mtp is None else (with_mtp and cfg.n_mtp_layers > 0)
         if cfg.n_mtp_layers and (run_mtp or self.is_initializing()):
