@@ -199,3 +199,15 @@ def test_right_padded_prompts_of_different_lengths(case):
         alone = np.asarray(m(ids[b:b + 1, :n]))
         np.testing.assert_allclose(np.asarray(logits)[b, :n], alone[0], rtol=1e-4, atol=1e-4 * np.abs(alone).max())
         np.testing.assert_array_equal(new[b], m.generate(ids[b:b + 1, :n], 6, stop_tokens=())[0])
+
+
+def test_tiny_preset_decode_equals_forward():
+    """The ``tiny`` preset (window 32, CSA 4, HCA 32): prefill 33 tokens, decode to 70, crossing
+    the HCA entry boundaries at 31/32 and 63/64 and the window edge."""
+    from v4jax.config import preset
+    cfg = preset("tiny")
+    m = v4jax.V4Model(cfg, random_variables(cfg, seed=4))
+    ids = np.random.default_rng(9).integers(0, cfg.vocab_size, size=(1, 70)).astype(np.int32)
+    full = np.asarray(m(ids))
+    got = run_chunks(m, ids, [33] + [1] * 37)
+    assert np.abs(got - full).max() <= 1e-4 * np.abs(full).max()
