@@ -211,3 +211,18 @@ def test_tiny_preset_decode_equals_forward():
     full = np.asarray(m(ids))
     got = run_chunks(m, ids, [33] + [1] * 37)
     assert np.abs(got - full).max() <= 1e-4 * np.abs(full).max()
+
+
+def test_generate_command_from_orbax_workdir(tmp_path, capsys):
+    from v4jax.checkpoint import load_workdir, save_workdir
+    from v4jax.inference.generate_cli import main
+    model = v4jax.load_hf(os.path.join(FIXTURES, "hf_mixed"))
+    save_workdir(tmp_path / "run", model.variables, model.cfg, step=7)
+    back = load_workdir(tmp_path / "run")
+    assert back.cfg == model.cfg
+    for a, b in zip(jax.tree.leaves(model.variables), jax.tree.leaves(back.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert main([str(tmp_path / "run"), "--prompt-ids", "5 17 42 9", "--max-new-tokens", "5", "--no-stop"]) == 0
+    printed = [int(x) for x in capsys.readouterr().out.split()]
+    expect = model.generate(np.array([[5, 17, 42, 9]], np.int32), 5, stop_tokens=())
+    assert printed[4:] == expect[0].tolist()

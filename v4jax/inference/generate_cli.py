@@ -4,7 +4,7 @@
     v4jax-generate CKPT_DIR --prompt-ids "0 17 42"
 
 CKPT_DIR is a ``transformers``-format or official-naming directory (``config.json`` +
-``*.safetensors``). Text prompts need a ``tokenizer.json`` in the directory and the ``tokenizers``
+``*.safetensors``), or an orbax workdir (``v4jax.checkpoint``; the latest step is used). Text prompts need a ``tokenizer.json`` in the directory and the ``tokenizers``
 package; with ``--prompt-ids`` no tokenizer is needed and ids are printed.
 """
 
@@ -45,9 +45,14 @@ def main(argv=None) -> int:
 
     import v4jax
 
+    from v4jax.checkpoint import is_workdir, load_workdir
+
     if not os.path.isdir(a.checkpoint):
         ap.error(f"no checkpoint directory {a.checkpoint!r}")
-    model = v4jax.load_hf(a.checkpoint, dtype=a.dtype)
+    if is_workdir(a.checkpoint):
+        model = load_workdir(a.checkpoint, dtype=a.dtype)
+    else:
+        model = v4jax.load_hf(a.checkpoint, dtype=a.dtype)
     tok = _tokenizer(a.checkpoint)
     if a.prompt is not None:
         if tok is None:
