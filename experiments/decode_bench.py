@@ -30,7 +30,6 @@ import platform
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 

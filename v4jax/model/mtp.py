@@ -8,7 +8,6 @@ main model's (shared) ``head``.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 from v4jax.hyper_connection import HCHead

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from v4jax.config import V4Config
 from v4jax.hyper_connection import HCHead
-from v4jax.layers.linear import Linear, param_with_axes
+from v4jax.layers.linear import Linear
 from v4jax.layers.norms import RMSNorm
 from v4jax.model.block import Block
 from v4jax.model.mtp import MTPBlock
@@ -55,19 +55,17 @@ class Transformer(nn.Module):
         x = jnp.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)
         stats = []
         new_layers = []
+        if cache is not None and n_valid is None:
+            n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
         for i, layer in enumerate(self.layers):
             if cache is None:
                 x, st = layer(x, ids)
             else:
-                if n_valid is None:
-                    n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
                 x, st, lc = layer(x, ids, cache["layers"][i], cache["pos"], n_valid)
                 new_layers.append(lc)
             stats.append(st)
         out = {"logits": self.logits(self.norm(self.hc_head(x))), "hidden": x, "moe": stats}
         if cache is not None:
-            if n_valid is None:
-                n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
             out["cache"] = {**cache, "pos": cache["pos"] + n_valid, "layers": new_layers}
             return out
         run_mtp = cfg.n_mtp_layers > 0 if with_mtp is None else (with_mtp and cfg.n_mtp_layers > 0)

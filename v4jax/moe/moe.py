@@ -7,7 +7,6 @@ balancing bias, learned layers) and ``gate.tid2eid [vocab, K]`` (hash layers).
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
