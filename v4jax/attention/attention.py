@@ -8,11 +8,13 @@ Input ``x [B, T, d]`` (the mHC-collapsed, ``attn_norm``-ed stream) -> ``[B, T, d
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from v4jax.attention.compressor import Compressor, visible_entries
-from v4jax.attention.core import attention_reference, topk_to_mask
+from v4jax.attention.core import attention_reference, topk_to_mask, window_mask
 from v4jax.attention.indexer import Indexer
+from v4jax.attention.indexer_loss import attention_mass, indexer_kl
 from v4jax.config import AttentionSpec
 from v4jax.layers.linear import Linear, param_with_axes
 from v4jax.layers.norms import RMSNorm, rms_normalize
@@ -29,9 +31,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, return_indexer: bool = False, cache: dict | None = None,
-                 start: jnp.ndarray | None = None, n_valid: jnp.ndarray | None = None):
+                 start: jnp.ndarray | None = None, n_valid: jnp.ndarray | None = None,
+                 segment_ids: jnp.ndarray | None = None, indexer_loss: bool = False):
         """Whole sequence (``cache=None``), or a chunk at positions ``start + t`` against a layer
-        cache (``v4jax.inference.cache``), returning ``(out, new_cache)``."""
+        cache (``v4jax.inference.cache``), returning ``(out, new_cache)``.
+
+        Training options (whole sequence only): ``segment_ids [B, T]`` packed documents (no window
+        key, compressed entry or compression block crosses a document; 0 = padding);
+        ``indexer_loss`` (CSA layers) feeds the indexer detached inputs and returns ``(out, aux)``
+        with ``aux["indexer_kl"]``/``aux["indexer_count"]``, the KL summed over counted queries
+        (``v4jax.attention.indexer_loss``) over the entries this layer attended to."""
         s = self.spec
         if s.impl != "reference":
             raise NotImplementedError(
@@ -54,6 +63,11 @@ class Attention(nn.Module):
         comp = comp_mask = kv_mask = None
         aux = {}
         new_cache = {}
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed documents) are for whole-sequence training, not the cache")
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]
+            kv_mask = window_mask(pos, pos, s.window)[None] & same
         if cache is not None:
             from v4jax.inference.cache import window_step
 
@@ -61,16 +75,17 @@ class Attention(nn.Module):
         if s.compressor is not None:
             compressor = Compressor(s.compressor, s.rope, self.param_dtype, name="compressor")
             if cache is None:
-                comp = compressor(x)
+                comp = compressor(x, segment_ids=segment_ids)
             else:
                 comp, new_cache["compressor"] = compressor(x, cache["compressor"], start, n_valid)
             n = comp.shape[1]
-            vis = visible_entries(pos, n, s.compressor.ratio)
+            vis = visible_entries(pos, n, s.compressor.ratio, segment_ids)
             comp_mask = jnp.broadcast_to(vis if vis.ndim == 3 else vis[None], (B, T, n))
             if s.indexer is not None:
                 indexer = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, name="indexer")
                 if cache is None:
-                    idx, scores = indexer(x, qr, return_scores=True)
+                    xi, qi = (jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)) if indexer_loss else (x, qr)
+                    idx, scores = indexer(xi, qi, return_scores=True, segment_ids=segment_ids)
                 else:
                     idx, scores, new_cache["indexer"] = indexer(x, qr, True, cache["indexer"], start, n_valid)
                 aux = {"topk": idx, "index_scores": scores}
@@ -78,7 +93,12 @@ class Attention(nn.Module):
                     comp_mask = comp_mask & topk_to_mask(idx, n)
             comp = comp.astype(self.dtype)
 
-        o = attention_reference(q, kv, sink, s.window, comp, comp_mask, kv_mask=kv_mask)
+        want_kl = indexer_loss and s.indexer is not None and cache is None
+        o, lse = attention_reference(q, kv, sink, s.window, comp, comp_mask, kv_mask=kv_mask, return_lse=True)
+        if want_kl:
+            mass = attention_mass(q, comp, lse, comp_mask, c ** -0.5)
+            qmask = None if segment_ids is None else segment_ids > 0
+            aux["indexer_kl"], aux["indexer_count"] = indexer_kl(mass, aux["index_scores"], comp_mask, qmask)
         o = apply_rope(o, pos, s.rope, inverse=True).astype(self.dtype)
 
         # 3.6 grouped low-rank output projection
@@ -90,6 +110,6 @@ class Attention(nn.Module):
         out = lin(s.dim, ("o_lora", "embed"), "wo_b")(u.reshape(B, T, g * s.o_lora_rank))
         if cache is not None:
             return (out, new_cache, aux) if return_indexer else (out, new_cache)
-        if return_indexer:
+        if return_indexer or indexer_loss or segment_ids is not None:
             return out, aux
         return out

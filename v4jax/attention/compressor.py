@@ -5,6 +5,11 @@ CSA (``overlap=True``): each token projects to ``2*c``; its first ``c`` dims fee
 entry, its last ``c`` dims its OWN block's entry, so entry i pools 2*ratio slots (block i-1's first
 halves and block i's second halves). Then a weighted RMSNorm and RoPE at position ``i*ratio``.
 Blocks are aligned to the sequence start; the tail of fewer than ``ratio`` tokens is dropped.
+
+Packed documents (``segment_ids``, training only): an entry belongs to the document of its block's
+last token; slots holding tokens of another document get gate -inf (like entry 0's missing
+previous block), so no entry mixes documents, and queries only see entries of their own document
+(``visible_entries(..., segment_ids, entry_segments)``).
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ from v4jax.layers.norms import RMSNorm
 from v4jax.layers.rope import apply_rope
 
 
-def pool_blocks(kv: jnp.ndarray, gate: jnp.ndarray, ratio: int, overlap: bool) -> jnp.ndarray:
+def entry_segments(segment_ids: jnp.ndarray, ratio: int) -> jnp.ndarray:
+    """Document of each complete block's entry: the segment of its last token. ``[B, T] -> [B, T // ratio]``."""
+    n = segment_ids.shape[1] // ratio
+    return segment_ids[:, ratio - 1: n * ratio: ratio]
+
+
+def pool_blocks(kv: jnp.ndarray, gate: jnp.ndarray, ratio: int, overlap: bool,
+                segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     """Pool complete blocks. kv, gate: ``[B, T, (1+overlap)*c]`` fp32 (gate already includes ``ape``
-    broadcast per position-in-block). Returns ``[B, T // ratio, c]`` (before norm and RoPE)."""
+    broadcast per position-in-block). Returns ``[B, T // ratio, c]`` (before norm and RoPE).
+    With ``segment_ids [B, T]``, slots from another document than the entry's get gate -inf."""
     B, T, w = kv.shape
     n = T // ratio
     kv = kv[:, : n * ratio].reshape(B, n, ratio, w)
@@ -35,6 +48,12 @@ def pool_blocks(kv: jnp.ndarray, gate: jnp.ndarray, ratio: int, overlap: bool) -
         prev_g = jnp.pad(prev_g, ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)[:, :n]
         kv = jnp.concatenate([prev_kv, cur_kv], axis=2)
         gate = jnp.concatenate([prev_g, cur_g], axis=2)
+    if segment_ids is not None:
+        seg = segment_ids[:, : n * ratio].reshape(B, n, ratio)
+        if overlap:   # the slots of entry i: block i-1's tokens, then block i's
+            seg = jnp.concatenate([jnp.pad(seg, ((0, 0), (1, 0), (0, 0)), constant_values=-1)[:, :n], seg], axis=2)
+        own = entry_segments(segment_ids, ratio)[..., None]                      # [B, n, 1]
+        gate = jnp.where((seg == own)[..., None], gate, -jnp.inf)
     weights = jax.nn.softmax(gate, axis=2)
     return jnp.sum(weights * kv, axis=2)
 
@@ -80,9 +99,10 @@ class Compressor(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, state: dict | None = None, start: jnp.ndarray | None = None,
-                 n_valid: jnp.ndarray | None = None):
-        """Whole sequence: entries ``[B, T // ratio, c]``. With ``state`` (a cache, see
-        ``v4jax.inference.cache``) and the chunk's first position ``start``: (all entries, new state)."""
+                 n_valid: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None):
+        """Whole sequence: entries ``[B, T // ratio, c]`` (``segment_ids [B, T]``: packed documents,
+        see the module docstring). With ``state`` (a cache, see ``v4jax.inference.cache``) and the
+        chunk's first position ``start``: (all entries, new state)."""
         s = self.spec
         kv, gate = self.project(x)
         if state is not None:
@@ -91,12 +111,18 @@ class Compressor(nn.Module):
             gate = add_position_bias(gate, self.ape(), start)
             return compressor_step(kv, gate, state, start, s.ratio, s.overlap, self.finish, n_valid)
         gate = add_position_bias(gate, self.ape())
-        pooled = pool_blocks(kv, gate, s.ratio, s.overlap)
+        pooled = pool_blocks(kv, gate, s.ratio, s.overlap, segment_ids)
         n = pooled.shape[1]
         return self.finish(pooled, jnp.arange(n) * s.ratio)
 
 
-def visible_entries(positions: jnp.ndarray, n_entries: int, ratio: int) -> jnp.ndarray:
+def visible_entries(positions: jnp.ndarray, n_entries: int, ratio: int,
+                    segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
     """Causality rule (spec 3.3.6): query at position t may use entry i iff ``i < (t+1) // ratio``.
-    positions ``[..., T]`` -> bool ``[..., T, n_entries]``."""
-    return jnp.arange(n_entries) < ((positions + 1) // ratio)[..., None]
+    positions ``[..., T]`` -> bool ``[..., T, n_entries]``. With ``segment_ids [B, T]`` (packed
+    documents) also ``entry_segments(...)[i] == segment_ids[t]`` -> ``[B, T, n_entries]``."""
+    vis = jnp.arange(n_entries) < ((positions + 1) // ratio)[..., None]
+    if segment_ids is None:
+        return vis
+    ent = entry_segments(segment_ids, ratio)[:, :n_entries]
+    return vis & (segment_ids[:, :, None] == ent[:, None, :])

@@ -18,14 +18,16 @@ def window_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, window: int) -> jnp.ndar
 
 def attention_reference(q: jnp.ndarray, kv: jnp.ndarray, sink: jnp.ndarray, window: int,
                         comp: jnp.ndarray | None = None, comp_mask: jnp.ndarray | None = None,
-                        scale: float | None = None, kv_mask: jnp.ndarray | None = None) -> jnp.ndarray:
+                        scale: float | None = None, kv_mask: jnp.ndarray | None = None,
+                        return_lse: bool = False):
     """Dense masked sparse attention.
 
     q ``[B, T, H, c]``; kv ``[B, T, c]`` (window keys = values, position t at row t);
     sink ``[H]``; comp ``[B, N, c]`` compressed entries; comp_mask ``[B, T, N]`` bool
     (visibility, and for CSA top-k membership). ``kv_mask`` ``[B, T, S]`` replaces the default
-    sliding window over ``S = T`` keys (used with a KV cache, where keys are ring slots + chunk).
-    Returns ``[B, T, H, c]`` in fp32.
+    sliding window over ``S = T`` keys (used with a KV cache, where keys are ring slots + chunk, and
+    for packed documents). Returns ``[B, T, H, c]`` in fp32, and with ``return_lse`` also the log
+    of each softmax denominator (sink included) ``[B, T, H]``.
     """
     B, T, H, c = q.shape
     scale = c ** -0.5 if scale is None else scale
@@ -49,10 +51,11 @@ def attention_reference(q: jnp.ndarray, kv: jnp.ndarray, sink: jnp.ndarray, wind
     p = jnp.exp(logits - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / denom
+    lse = (m + jnp.log(denom))[..., 0].transpose(0, 2, 1)
     out = jnp.einsum("bhts,bsc->bthc", p[..., :S], kvf)
     if len(parts) == 2:
         out = out + jnp.einsum("bhtn,bnc->bthc", p[..., S:S + comp.shape[1]], cf)
-    return out
+    return (out, lse) if return_lse else out
 
 
 def topk_to_mask(idx: jnp.ndarray, n_entries: int) -> jnp.ndarray:

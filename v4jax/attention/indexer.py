@@ -58,21 +58,24 @@ class Indexer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, qr: jnp.ndarray, return_scores: bool = False,
-                 state: dict | None = None, start: jnp.ndarray | None = None, n_valid=None):
-        """x ``[B, T, d]``, qr ``[B, T, d_c]`` -> top-k indices ``[B, T, k']`` (and the scores).
-        With a cache ``state`` and chunk start ``start``, also returns the new state (last)."""
+                 state: dict | None = None, start: jnp.ndarray | None = None, n_valid=None,
+                 segment_ids: jnp.ndarray | None = None):
+        """x ``[B, T, d]``, qr ``[B, T, d_c]`` -> top-k indices ``[B, T, k']`` (and the scores,
+        ``-inf`` where not visible). With a cache ``state`` and chunk start ``start``, also returns
+        the new state (last). ``segment_ids [B, T]``: packed documents (no cache)."""
         s = self.spec
         T = x.shape[1]
         comp = Compressor(s.compressor, self.rope, self.param_dtype, name="compressor")
         if state is None:
             positions = jnp.arange(T)
-            keys = comp(x)
+            keys = comp(x, segment_ids=segment_ids)
         else:
             positions = start[:, None] + jnp.arange(T)
             keys, state = comp(x, state, start, n_valid)
         q, w = self.queries(x, qr, positions)
         scores = indexer_scores(q, keys, w)
-        visible = visible_entries(positions, keys.shape[1], s.compressor.ratio)
+        visible = visible_entries(positions, keys.shape[1], s.compressor.ratio,
+                                  segment_ids if state is None else None)
         if visible.ndim == 2:
             visible = visible[None]
         idx = select_topk(scores, visible, s.topk)

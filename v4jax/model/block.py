@@ -32,15 +32,23 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.moe(self.hash_routed), dt, pdt)
 
     def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray, cache: dict | None = None, start=None,
-                 n_valid=None):
-        """-> (streams, router stats), plus the new layer cache when ``cache`` is given."""
+                 n_valid=None, segment_ids: jnp.ndarray | None = None, indexer_loss: bool = False):
+        """-> (streams, router stats), plus the new layer cache when ``cache`` is given.
+
+        Training: ``segment_ids [B, T]`` packed documents; ``indexer_loss`` adds the layer's
+        ``indexer_kl`` / ``indexer_count`` to the stats (CSA layers, see ``Attention``)."""
         u, post, comb = self.hc_attn(x)
-        if cache is None:
+        extra = {}
+        if cache is None and (segment_ids is not None or indexer_loss):
+            a, aux = self.attn(self.attn_norm(u), segment_ids=segment_ids, indexer_loss=indexer_loss)
+            extra = {k: aux[k] for k in ("indexer_kl", "indexer_count") if k in aux}
+        elif cache is None:
             a = self.attn(self.attn_norm(u))
         else:
             a, cache = self.attn(self.attn_norm(u), cache=cache, start=start, n_valid=n_valid)
         x = expand(x, a, post, comb)
         u, post, comb = self.hc_ffn(x)
         y, stats = self.ffn(self.ffn_norm(u), token_ids)
+        stats = {**stats, **extra}
         x = expand(x, y, post, comb)
         return (x, stats) if cache is None else (x, stats, cache)

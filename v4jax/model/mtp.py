@@ -31,9 +31,11 @@ class MTPBlock(Block):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hc_head = HCHead(cfg.hc())
 
-    def predict(self, streams: jnp.ndarray, next_emb: jnp.ndarray, next_ids: jnp.ndarray):
-        """streams ``[B, T, n, d]``, next_emb ``[B, T, d]`` -> (normed hidden ``[B, T, d]``, stats)."""
+    def predict(self, streams: jnp.ndarray, next_emb: jnp.ndarray, next_ids: jnp.ndarray,
+                segment_ids: jnp.ndarray | None = None):
+        """streams ``[B, T, n, d]``, next_emb ``[B, T, d]`` -> (normed hidden ``[B, T, d]``, stats).
+        ``segment_ids [B, T]``: the packed documents of the main positions."""
         e = self.e_proj(self.enorm(next_emb))
         x = e[:, :, None, :] + self.h_proj(self.hnorm(streams))
-        x, stats = Block.__call__(self, x.astype(streams.dtype), next_ids)
+        x, stats = Block.__call__(self, x.astype(streams.dtype), next_ids, segment_ids=segment_ids)
         return self.norm(self.hc_head(x)), stats

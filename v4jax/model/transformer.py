@@ -46,10 +46,16 @@ class Transformer(nn.Module):
         return self.head(h).astype(jnp.float32)
 
     def __call__(self, ids: jnp.ndarray, with_mtp: bool | None = None, cache: dict | None = None,
-                 n_valid: jnp.ndarray | None = None):
+                 n_valid: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None,
+                 next_ids: jnp.ndarray | None = None, indexer_loss: bool = False):
         """With ``cache`` (``v4jax.inference.cache.init_cache``), ``ids`` is the next chunk of every
         sequence (positions ``cache["pos"][b] + t``; only the first ``n_valid[b]`` tokens are real,
-        default all) and ``out["cache"]`` is the updated cache."""
+        default all) and ``out["cache"]`` is the updated cache.
+
+        Training (no cache): ``segment_ids [B, T]`` marks packed documents (attention and
+        compression stay inside a document); ``next_ids [B, T]`` are the tokens at t+1 fed to the
+        MTP block (default: ``ids`` shifted, last position padded); ``indexer_loss`` makes every
+        CSA layer report its indexer KL in ``out["moe"][i]["indexer_kl"]`` (``indexer_count``)."""
         cfg = self.cfg
         h = self.embed(ids)
         x = jnp.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)
@@ -59,7 +65,7 @@ class Transformer(nn.Module):
             n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x, st = layer(x, ids)
+                x, st = layer(x, ids, segment_ids=segment_ids, indexer_loss=indexer_loss)
             else:
                 x, st, lc = layer(x, ids, cache["layers"][i], cache["pos"], n_valid)
                 new_layers.append(lc)
@@ -70,8 +76,9 @@ class Transformer(nn.Module):
             return out
         run_mtp = cfg.n_mtp_layers > 0 if with_mtp is None else (with_mtp and cfg.n_mtp_layers > 0)
         if cfg.n_mtp_layers and (run_mtp or self.is_initializing()):
-            next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-            hm, mst = self.mtp[0].predict(x, self.embed(next_ids), next_ids)
+            if next_ids is None:
+                next_ids = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+            hm, mst = self.mtp[0].predict(x, self.embed(next_ids), next_ids, segment_ids)
             out["mtp_logits"] = self.logits(hm)
             out["mtp_moe"] = mst
         return out

@@ -1,0 +1,231 @@
+"""The run configuration: one frozen ``TrainConfig`` holding the model config (``V4Config``), the
+optimizer config (``OptimizerConfig``) and the loop, loss and curriculum settings; named presets
+(``tiny``, ``small``, ``flash``, ``pro``) and ``key=value`` overrides (``model.dim=128``,
+``optim.peak_lr=1e-3``, ``batch_size=4``) for the command line.
+
+Attention curriculum (spec 9, techniques 3.4), switched by step:
+
+- ``dense``: steps ``[0, dense_attention_steps)``: CSA attends to every visible compressed entry
+  (indexer unused and frozen); loss = LM + MTP + balance.
+- ``indexer_warmup``: the next ``indexer_warmup_steps``: still dense; only the indexer trains, on
+  the KL to the main attention (everything else frozen).
+- ``sparse``: afterwards: top-k selection on; LM + MTP + balance train the model, the KL (on the
+  selected entries, detached indexer input) trains the indexer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from v4jax.config import ConfigError, V4Config, preset
+from v4jax.train.optimizer import OptimizerConfig
+
+STAGES = ("dense", "indexer_warmup", "sparse")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; saved as ``train_config.json`` in the workdir."""
+
+    model: V4Config
+    optim: OptimizerConfig
+    name: str = "custom"
+    # data
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    data_dir: str | None = None          # tfds data_dir (default: ~/.cache/v4jax/tfds)
+    tokenizer: str = "bpe"               # "bpe" (4096, shipped) or "byte" (256 + 3 specials)
+    # length of the run (the LR schedule is in ``optim``; ``--steps`` only moves the stop point)
+    total_steps: int = 1000
+    # curriculum
+    dense_attention_steps: int = 0
+    indexer_warmup_steps: int = 0
+    # losses
+    mtp_weight: float = 0.3
+    mtp_weight_after_decay: float = 0.1
+    balance_weight: float = 1e-4
+    bias_update_speed: float = 1e-3
+    indexer_loss_weight: float = 1.0
+    # loop
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int | None = None       # None: the whole validation split
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+
+    def __post_init__(self):
+        def need(cond, fld, rule):
+            if not cond:
+                raise ConfigError(f"TrainConfig.{fld}: {rule} (got {getattr(self, fld)!r})")
+
+        for f in ("seq_len", "batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every",
+                  "keep_checkpoints"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an integer >= 1")
+        for f in ("dense_attention_steps", "indexer_warmup_steps"):
+            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, "must be an integer >= 0")
+        for f in ("mtp_weight", "mtp_weight_after_decay", "balance_weight", "bias_update_speed",
+                  "indexer_loss_weight"):
+            need(getattr(self, f) >= 0, f, "must be >= 0")
+        need(self.tokenizer in ("bpe", "byte"), "tokenizer", "must be 'bpe' or 'byte'")
+        need(self.eval_batches is None or self.eval_batches >= 1, "eval_batches", "must be None or >= 1")
+        need(self.seq_len + 1 <= self.model.max_seq_len, "seq_len", "must be < model.max_seq_len")
+        need(self.model.dtype in ("float32", "bfloat16"), "model", "dtype must be float32 or bfloat16")
+        has_csa = "csa" in self.model.layer_types
+        need(has_csa or self.indexer_warmup_steps == 0, "indexer_warmup_steps",
+             "must be 0 for a model without CSA layers")
+
+    # -- curriculum ------------------------------------------------------------------------------
+    def stage(self, step: int) -> str:
+        """Attention stage of global step ``step`` (0-based): dense, indexer_warmup or sparse."""
+        if step < self.dense_attention_steps:
+            return "dense"
+        if step < self.dense_attention_steps + self.indexer_warmup_steps:
+            return "indexer_warmup"
+        return "sparse"
+
+    def stage_end(self, step: int) -> int:
+        """First step after the stage containing ``step``."""
+        d, w = self.dense_attention_steps, self.indexer_warmup_steps
+        return d if step < d else d + w if step < d + w else 2 ** 62
+
+    def model_for(self, stage: str) -> V4Config:
+        """The model config a stage runs (dense stages switch CSA top-k off)."""
+        return self.model.replace(dense_compressed_attention=stage != "sparse")
+
+    # -- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model"] = dataclasses.asdict(self.model)
+        d["optim"] = dataclasses.asdict(self.optim)
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"TrainConfig has no field(s) {sorted(unknown)}")
+        d["model"] = _build(V4Config, d["model"])
+        d["optim"] = _build(OptimizerConfig, d["optim"])
+        return cls(**d)
+
+    def to_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, path) -> "TrainConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def override(self, assignments: list[str]) -> "TrainConfig":
+        """Apply ``key=value`` strings; ``model.`` / ``optim.`` prefixes reach the nested configs.
+        Values are parsed as JSON when possible (``1e-3``, ``true``, ``[...]``), else taken as text."""
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {"model": {}, "optim": {}}
+        for a in assignments:
+            if "=" not in a:
+                raise ConfigError(f"--set expects key=value, got {a!r}")
+            key, raw = a.split("=", 1)
+            key = key.strip()
+            try:
+                val = json.loads(raw)
+            except json.JSONDecodeError:
+                val = raw
+            part, _, sub = key.partition(".")
+            if sub:
+                if part not in nested:
+                    raise ConfigError(f"--set {key}: unknown section {part!r} (use model. or optim.)")
+                nested[part][sub] = val
+            else:
+                top[key] = val
+        d = self.to_dict()
+        for part, kv in nested.items():
+            for k, v in kv.items():
+                if k not in d[part]:
+                    raise ConfigError(f"--set {part}.{k}: {part} has no field {k!r}")
+                d[part][k] = v
+        for k, v in top.items():
+            if k not in d or k in ("model", "optim"):
+                raise ConfigError(f"--set {k}: TrainConfig has no field {k!r}")
+            d[k] = v
+        return TrainConfig.from_dict(d)
+
+
+def _build(cls, d: dict[str, Any]):
+    """A frozen dataclass from a JSON dict, turning lists back into tuples where the field is a tuple."""
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    for k, v in d.items():
+        t = hints.get(k)
+        origin = typing.get_origin(t)
+        if isinstance(v, list) and (origin is tuple or t is tuple or (origin in (typing.Union, types.UnionType)
+                                                                      and any(typing.get_origin(a) is tuple
+                                                                              for a in typing.get_args(t)))):
+            v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+        kw[k] = v
+    return cls(**kw)
+
+
+# -- presets ------------------------------------------------------------------------------------
+
+def _tiny() -> TrainConfig:
+    """spec 11's CPU recipe: T=256, B=8, LR 2e-3 with 100 warm-up steps; dense CSA for 20% of
+    the run, a 50-step indexer warm-up, then sparse."""
+    total = 600
+    return TrainConfig(
+        name="tiny", model=preset("tiny"), seq_len=256, batch_size=8, total_steps=total,
+        optim=OptimizerConfig(peak_lr=2e-3, final_lr=2e-4, warmup_steps=50, decay_start=int(total * 0.8),
+                              total_steps=total),
+        dense_attention_steps=int(total * 0.2), indexer_warmup_steps=50,
+        log_every=10, eval_every=100, checkpoint_every=100)
+
+
+def _small() -> TrainConfig:
+    total = 5000
+    return TrainConfig(
+        name="small", model=preset("small"), seq_len=512, batch_size=16, total_steps=total,
+        optim=OptimizerConfig(peak_lr=1e-3, final_lr=1e-4, warmup_steps=200, decay_start=int(total * 0.8),
+                              total_steps=total),
+        dense_attention_steps=int(total * 0.2), indexer_warmup_steps=200,
+        eval_every=500, checkpoint_every=500)
+
+
+def _paper(model: str, peak: float) -> TrainConfig:
+    """The report's recipe (spec 9) at its first sequence length (4K). The real runs use batches of
+    tens of millions of tokens over a pod: set ``batch_size`` for your mesh."""
+    total = 100_000
+    return TrainConfig(
+        name=model, model=preset(model, dtype="bfloat16"), seq_len=4096, batch_size=64, total_steps=total,
+        optim=OptimizerConfig(peak_lr=peak, final_lr=peak / 10, warmup_steps=2000, decay_start=int(total * 0.9),
+                              total_steps=total),
+        dense_attention_steps=int(total * 0.3), indexer_warmup_steps=1000,
+        log_every=50, eval_every=2000, eval_batches=50, checkpoint_every=1000)
+
+
+_PRESETS = {"tiny": _tiny, "small": _small, "flash": lambda: _paper("flash", 2.7e-4),
+            "pro": lambda: _paper("pro", 2.0e-4)}
+
+
+def train_preset(name: str, overrides: list[str] | None = None) -> TrainConfig:
+    """A named run preset (``tiny``, ``small``, ``flash``, ``pro``) or a ``train_config.json`` path,
+    with ``key=value`` overrides."""
+    if name in _PRESETS:
+        cfg = _PRESETS[name]()
+    elif os.path.isfile(name):
+        cfg = TrainConfig.from_json(name)
+    else:
+        raise ConfigError(f"unknown run config {name!r}: use one of {sorted(_PRESETS)} or a JSON file")
+    return cfg.override(overrides or [])

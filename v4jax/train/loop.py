@@ -1,0 +1,221 @@
+"""The training loop: data -> jitted ``train_step`` -> metrics, periodic evaluation and orbax
+checkpoints, exact resume.
+
+Workdir layout (an orbax ``CheckpointManager`` root, so ``v4jax-generate WORKDIR`` and
+``v4jax.checkpoint.load_workdir`` read it too):
+
+- ``<step>/state``        model variables ``{"params", "buffers"}`` (StandardSave)
+- ``<step>/config``       the model config (HF-style dict)
+- ``<step>/train_state``  optimizer state, step counter, RNG key (StandardSave)
+- ``<step>/meta``         data-iterator position and the run config (JSON)
+- ``train_config.json``, ``metrics.jsonl``, ``tensorboard/``, ``loss.png``
+
+A checkpoint is written only when every parameter, optimizer and buffer value is finite.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from v4jax.train.config import TrainConfig
+from v4jax.train.metrics import MetricsWriter
+from v4jax.train.optimizer import lr_schedule, make_optimizer
+from v4jax.train.step import all_finite, init_state, make_eval_step, make_train_step
+
+CONFIG_FILE = "train_config.json"
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite values for too many consecutive steps (nothing was saved)."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    last_loss: float | None
+    eval_loss: float | None
+    skipped_steps: int
+    workdir: str
+
+
+def checkpoint_manager(workdir: str, cfg: TrainConfig | None = None) -> ocp.CheckpointManager:
+    keep = cfg.keep_checkpoints if cfg else None
+    async_ = cfg.async_checkpointing if cfg else False
+    return ocp.CheckpointManager(
+        os.path.abspath(workdir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_))
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, state: dict, cfg: TrainConfig, data_state) -> int:
+    """Queue an (async) save of ``state`` at its step; refuses non-finite values."""
+    step = int(state["step"])
+    if not all_finite((state["params"], state["buffers"], state["opt_state"])):
+        raise NonFiniteError(f"refusing to checkpoint step {step}: the state holds non-finite values")
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"params": state["params"], "buffers": state["buffers"]}),
+        config=ocp.args.JsonSave(cfg.model.to_hf_dict()),
+        train_state=ocp.args.StandardSave({"opt_state": state["opt_state"], "step": state["step"],
+                                           "rng": state["rng"]}),
+        meta=ocp.args.JsonSave({"step": step, "data": data_state, "train_config": cfg.to_dict()})))
+    return step
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, cfg: TrainConfig, tx):
+    """-> (state, data-iterator state) of checkpoint ``step``."""
+    from v4jax.params import abstract_variables
+
+    abstract_vars = abstract_variables(cfg.model)
+    abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
+    abstract_train = {"opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
+                      "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    got = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_vars), train_state=ocp.args.StandardRestore(abstract_train),
+        meta=ocp.args.JsonRestore()))
+    variables, train = got["state"], got["train_state"]
+    state = {"step": jnp.asarray(train["step"], jnp.int32), "params": variables["params"],
+             "buffers": variables.get("buffers", {}), "opt_state": train["opt_state"], "rng": train["rng"]}
+    return state, got["meta"]["data"]
+
+
+def abstract_params(cfg: TrainConfig):
+    from v4jax.params import abstract_variables
+
+    return abstract_variables(cfg.model)["params"]
+
+
+def make_data(cfg: TrainConfig, split: str):
+    """The endless shuffled training iterator, or one fixed-order pass over ``split``."""
+    from v4jax.data.pipeline import make_dataset, make_eval_dataset
+    from v4jax.data.tokenizer import get_tokenizer
+
+    vocab = get_tokenizer(cfg.tokenizer).vocab_size
+    if vocab > cfg.model.vocab_size:
+        from v4jax.config import ConfigError
+
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {vocab} ids but model.vocab_size is "
+                          f"{cfg.model.vocab_size}")
+    if split == "train":
+        return make_dataset("train", cfg.seq_len, cfg.batch_size, seed=cfg.seed, data_dir=cfg.data_dir,
+                            tokenizer=cfg.tokenizer, shuffle=True)
+    return make_eval_dataset(split, cfg.seq_len, cfg.batch_size, data_dir=cfg.data_dir, tokenizer=cfg.tokenizer)
+
+
+def evaluate(cfg: TrainConfig, params, buffers, stage: str, eval_fn=None, split: str = "validation",
+             max_batches: int | None = None) -> dict:
+    """Mean next-token loss (and perplexity; MTP loss too) over ``split``."""
+    eval_fn = eval_fn or make_eval_step(cfg, stage)
+    tot = {}
+    for i, batch in enumerate(make_data(cfg, split)):
+        if max_batches is not None and i >= max_batches:
+            break
+        res = jax.device_get(eval_fn(params, buffers, _device(batch)))
+        for k, v in res.items():
+            tot[k] = tot.get(k, 0.0) + float(v)
+    if not tot.get("tokens"):
+        raise ValueError(f"split {split!r} produced no evaluation tokens")
+    loss = tot["lm_sum"] / tot["tokens"]
+    out = {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "tokens": int(tot["tokens"])}
+    if "mtp_sum" in tot:
+        out["mtp_loss"] = tot["mtp_sum"] / max(tot["mtp_tokens"], 1.0)
+    return out
+
+
+def _device(batch: dict) -> dict:
+    return {"tokens": jnp.asarray(batch["tokens"], jnp.int32),
+            "segment_ids": jnp.asarray(batch["segment_ids"], jnp.int32)}
+
+
+def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress: bool = True,
+          log=print, max_consecutive_skips: int = 20) -> RunResult:
+    """Train until global step ``stop_step`` (default ``cfg.total_steps``), resuming from the
+    latest checkpoint in ``workdir`` when there is one."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    stop = cfg.total_steps if stop_step is None else stop_step
+    tx = make_optimizer(cfg.optim, abstract_params(cfg))
+    lr_fn = lr_schedule(cfg.optim)
+    mngr = checkpoint_manager(workdir, cfg)
+    data = make_data(cfg, "train")
+    writer = MetricsWriter(workdir)
+    latest = mngr.latest_step()
+    if latest is None:
+        cfg.to_json(os.path.join(workdir, CONFIG_FILE))
+        state = init_state(cfg, tx)
+        writer.truncate_after(0)
+        log(f"v4jax-train: new run {cfg.name!r} in {workdir} (steps {0} -> {stop})")
+    else:
+        state, data_state = restore_checkpoint(mngr, latest, cfg, tx)
+        data.set_state(data_state)
+        writer.truncate_after(latest)
+        log(f"v4jax-train: resumed {workdir} at step {latest} (-> {stop})")
+    step = int(state["step"])
+    steps_fns, eval_fns = {}, {}
+    skipped = consecutive = 0
+    last_loss = eval_loss = None
+    bar = None
+    if progress and step < stop:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True)
+    window_t, window_tokens, acc = time.perf_counter(), 0, []
+    try:
+        while step < stop:
+            stage = cfg.stage(step)
+            if stage not in steps_fns:
+                steps_fns[stage] = make_train_step(cfg, tx, stage, lr_fn)
+                log(f"v4jax-train: step {step}: stage {stage!r}")
+            batch = _device(next(data))
+            state, metrics = steps_fns[stage](state, batch)
+            step += 1
+            acc.append(metrics)
+            window_tokens += int(np.prod(batch["tokens"].shape)) - batch["tokens"].shape[0]
+            if step % cfg.log_every == 0 or step == stop:
+                rows = jax.device_get(acc)
+                acc = []
+                now = time.perf_counter()
+                row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k not in ("skipped", "lr")}
+                bad = int(sum(int(r["skipped"]) for r in rows))
+                consecutive = consecutive + bad if bad == len(rows) else (bad if int(rows[-1]["skipped"]) else 0)
+                skipped += bad
+                row.update(step=step, stage=stage, lr=float(rows[-1].get("lr", float("nan"))),
+                           skipped=bad, tokens_per_s=window_tokens / max(now - window_t, 1e-9))
+                window_t, window_tokens = now, 0
+                writer.write(row)
+                last_loss = row["loss"]
+                if bad:
+                    log(f"v4jax-train: WARNING {bad} step(s) up to {step} had a non-finite loss or gradient "
+                        f"and were not applied ({skipped} in total)")
+                if consecutive >= max_consecutive_skips:
+                    raise NonFiniteError(f"{consecutive} consecutive non-finite steps up to step {step}; "
+                                         f"stopping (last good checkpoint: {mngr.latest_step()})")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['lm_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", stage=stage)
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.eval_every == 0 or step == stop:
+                ev_stage = cfg.stage(step - 1)
+                if ev_stage not in eval_fns:
+                    eval_fns[ev_stage] = make_eval_step(cfg, ev_stage)
+                res = evaluate(cfg, state["params"], state["buffers"], ev_stage, eval_fns[ev_stage],
+                               max_batches=cfg.eval_batches)
+                eval_loss = res["loss"]
+                writer.write({"step": step, "eval": True, "split": "validation", **res})
+                log(f"v4jax-train: step {step}: validation loss {res['loss']:.4f} (ppl {res['perplexity']:.2f})")
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                save_checkpoint(mngr, state, cfg, data.get_state())
+                log(f"v4jax-train: checkpoint step {step} {'queued' if cfg.async_checkpointing else 'written'}")
+    finally:
+        if bar is not None:
+            bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+    log(f"v4jax-train: done at step {step}; checkpoints and metrics in {workdir}")
+    return RunResult(step, last_loss, eval_loss, skipped, workdir)
