@@ -68,6 +68,7 @@ class AttnCfg:
     bk: int            # kv rows per window block
     bkc: int           # compressed rows per dense block
     kc: int            # top-k chunk (entries per token per step)
+    dcr: int           # TPU top-k backward: dcomp rows kept resident in VMEM per pass (Np % dcr == 0)
     cd: str            # matmul operand dtype name
     backend: Backend
 
@@ -95,6 +96,10 @@ class AttnCfg:
     @property
     def dtype(self):
         return jnp.dtype(self.cd)
+
+    @property
+    def nch(self):
+        return self.Np // self.dcr if self.mode == "topk" else 1
 
     # ---- window ranges (work on python ints and traced int32 scalars alike)
     def win_lo(self, i):
@@ -500,7 +505,7 @@ def _tpu_fwd_kernel(cfg: AttnCfg, nsteps: int, *refs):
                 rows = buf[slot]
                 qt = _cast(q_ref[pl.ds(r0, Hp), :], cfg)
                 s = dot_nt(qt, _cast(rows, cfg)) * cfg.scale
-                valid = tkv_ref[pl.ds(tt, 1), pl.ds(pl.multiple_of(kk * cfg.kc, cfg.kc), cfg.kc)] >= 0
+                valid = tkv_ref[pl.ds(tt * cfg.nck + kk, 1), :] >= 0
                 m, l, acc = online_update(m_ref[pl.ds(r0, Hp), :], l_ref[pl.ds(r0, Hp), :],
                                           acc_ref[pl.ds(r0, Hp), :], s, valid, rows, cd)
                 m_ref[pl.ds(r0, Hp), :] = m
@@ -516,27 +521,38 @@ def _tpu_fwd_kernel(cfg: AttnCfg, nsteps: int, *refs):
         lse_ref[...] = m_ref[...] + jnp.log(l)
 
 
-def _tpu_dq_kernel(cfg: AttnCfg, nsteps: int, *refs):
+def _tpu_dq_kernel(cfg: AttnCfg, nsteps: int, want_dq: bool, want_dc: bool, *refs):
+    """dq (window, dense or top-k keys) and/or the top-k dcomp scatter.
+
+    ``want_dc``: grid (B, dcomp chunks, nq, steps); the chunk's fp32 dcomp rows [n0, n0 + dcr)
+    stay resident in VMEM while the q blocks are walked sequentially, and every selected row's
+    gradient ``p^T do + scale ds^T q`` is added with a row read-modify-write. Otherwise the grid
+    is (B, nq, steps)."""
     it = iter(refs)
     q_ref, qseg_ref, kv_ref, kseg_ref = (next(it) for _ in range(4))
     if cfg.mode == "dense":
         comp_ref, cseg_ref = next(it), next(it)
     elif cfg.mode == "topk":
         tks_ref, tkv_ref, comp_hbm = next(it), next(it), next(it)
-    do_ref, lse_ref, dt_ref, dq_ref = (next(it) for _ in range(4))
-    if cfg.mode == "topk":
-        dc_ref = next(it)
-    dq_acc = next(it)
+    do_ref, lse_ref, dt_ref = (next(it) for _ in range(3))
+    dq_ref = next(it) if want_dq else None
+    dc_ref = next(it) if want_dc else None
+    dq_acc = next(it) if want_dq else None
     if cfg.mode == "topk":
         buf, sem, g_ref = next(it), next(it), next(it)
-    b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if want_dc:
+        b, ch, i, j = (pl.program_id(a) for a in range(4))
+        n0 = ch * cfg.dcr
+    else:
+        b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     R, Hp, cd = cfg.R, cfg.Hp, cfg.dtype
 
-    @pl.when(j == 0)
-    def _():
-        dq_acc[...] = jnp.zeros((R, cfg.cp), F32)
+    if want_dq:
+        @pl.when(j == 0)
+        def _():
+            dq_acc[...] = jnp.zeros((R, cfg.cp), F32)
 
-    if cfg.mode == "topk":
+    if want_dc:
         @pl.when((i == 0) & (j == 0))
         def _():
             dc_ref[...] = jnp.zeros(dc_ref.shape, F32)
@@ -549,21 +565,23 @@ def _tpu_dq_kernel(cfg: AttnCfg, nsteps: int, *refs):
         _, ds = softmax_grads(q, do_ref[...], lse_ref[...], dt_ref[...], s, mask_fn(tq, qseg_ref[...]), k, cd)
         dq_acc[...] += dot_nn(ds.astype(cd), k)
 
-    kb = cfg.win_lo(i) + j
+    sparse_step = cfg.nw if want_dq else 0
+    if want_dq:
+        kb = cfg.win_lo(i) + j
 
-    @pl.when((j < cfg.nw) & (kb <= cfg.win_hi(i)))
-    def _():
-        update(kv_ref[...], lambda tq, qs: _window_mask(cfg, tq, qs, kb * cfg.bk, kseg_ref[...]))
-
-    if cfg.mode == "dense":
-        cb = j - cfg.nw
-
-        @pl.when((j >= cfg.nw) & (cb < cfg.n_vis_blocks(i)))
+        @pl.when((j < cfg.nw) & (kb <= cfg.win_hi(i)))
         def _():
-            update(comp_ref[...], lambda tq, qs: _dense_mask(cfg, tq, qs, cb * cfg.bkc, cseg_ref[...]))
+            update(kv_ref[...], lambda tq, qs: _window_mask(cfg, tq, qs, kb * cfg.bk, kseg_ref[...]))
 
-    elif cfg.mode == "topk":
-        @pl.when(j == cfg.nw)
+        if cfg.mode == "dense":
+            cb = j - cfg.nw
+
+            @pl.when((j >= cfg.nw) & (cb < cfg.n_vis_blocks(i)))
+            def _():
+                update(comp_ref[...], lambda tq, qs: _dense_mask(cfg, tq, qs, cb * cfg.bkc, cseg_ref[...]))
+
+    if cfg.mode == "topk":
+        @pl.when(j == sparse_step)
         def _():
             def process(tt, kk, slot):
                 r0 = pl.multiple_of(tt * Hp, Hp)
@@ -571,29 +589,31 @@ def _tpu_dq_kernel(cfg: AttnCfg, nsteps: int, *refs):
                 qt = _cast(q_ref[pl.ds(r0, Hp), :], cfg)
                 dot_ = do_ref[pl.ds(r0, Hp), :]
                 s = dot_nt(qt, rows) * cfg.scale
-                c0 = pl.multiple_of(kk * cfg.kc, cfg.kc)
-                valid = tkv_ref[pl.ds(tt, 1), pl.ds(c0, cfg.kc)] >= 0
+                valid = tkv_ref[pl.ds(tt * cfg.nck + kk, 1), :] >= 0
                 p, ds = softmax_grads(qt, dot_, lse_ref[pl.ds(r0, Hp), :], dt_ref[pl.ds(r0, Hp), :], s, valid,
                                       rows, cd)
-                dq_acc[pl.ds(r0, Hp), :] += dot_nn(ds.astype(cd), rows)
-                g_ref[...] = key_grad(p, ds, qt, dot_, cfg.scale, cd)
-                base = tt * cfg.Kp + c0
+                if want_dq:
+                    dq_acc[pl.ds(r0, Hp), :] += dot_nn(ds.astype(cd), rows)
+                if want_dc:
+                    g_ref[...] = key_grad(p, ds, qt, dot_, cfg.scale, cd)
+                    base = tt * cfg.Kp + kk * cfg.kc
 
-                def scatter(k, c):
-                    e = tks_ref[base + k]
+                    def scatter(k, c):
+                        e = tks_ref[base + k] - n0
 
-                    @pl.when(e >= 0)
-                    def _():
-                        dc_ref[pl.ds(e, 1), :] += g_ref[pl.ds(k, 1), :]
-                    return c
+                        @pl.when((e >= 0) & (e < cfg.dcr))  # -1 slots give e < 0
+                        def _():
+                            dc_ref[pl.ds(e, 1), :] += g_ref[pl.ds(k, 1), :]
+                        return c
 
-                lax.fori_loop(0, cfg.kc, scatter, 0)
+                    lax.fori_loop(0, cfg.kc, scatter, 0)
 
             _tpu_sparse_walk(cfg, b, tks_ref, comp_hbm, buf, sem, process)
 
-    @pl.when(j == nsteps - 1)
-    def _():
-        dq_ref[...] = dq_acc[...] * cfg.scale
+    if want_dq:
+        @pl.when(j == nsteps - 1)
+        def _():
+            dq_ref[...] = dq_acc[...] * cfg.scale
 
 
 def _tpu_dkey_kernel(cfg: AttnCfg, dense: bool, nsteps: int, *refs):
@@ -651,7 +671,9 @@ def _tpu_common_specs(cfg: AttnCfg):
         specs["cseg"] = pl.BlockSpec((None, 1, cfg.bkc), lambda b, i, j: (b, 0, c_block(i, j)))
     elif cfg.mode == "topk":
         specs["tks"] = pl.BlockSpec((None, cfg.bq * cfg.Kp), lambda b, i, j: (b, i), memory_space=pltpu.SMEM)
-        specs["tkv"] = pl.BlockSpec((None, cfg.bq, cfg.Kp), lambda b, i, j: (b, i, 0))
+        # rows (t, chunk) -> [kc] validity; a dynamic row index with static lanes (Mosaic rejects
+        # dynamic unaligned lane offsets)
+        specs["tkv"] = pl.BlockSpec((None, cfg.bq * cfg.nck, cfg.kc), lambda b, i, j: (b, i, 0))
         specs["comp"] = pl.BlockSpec(memory_space=pl.ANY)
     return specs
 
@@ -725,7 +747,6 @@ def _tpu_bwd(cfg: AttnCfg, qr, qseg, kv, kseg, comp, aux, do, lse, dterm):
     sp = _tpu_common_specs(cfg)
     nsteps = _tpu_nsteps(cfg)
 
-    # ---- dq (+ top-k dcomp scatter into a VMEM-resident per-batch dcomp)
     in_specs = [sp["q"], sp["col"], sp["kv"], sp["kseg"]]
     args = [qr, qseg, kv, kseg]
     if cfg.mode == "dense":
@@ -737,31 +758,55 @@ def _tpu_bwd(cfg: AttnCfg, qr, qseg, kv, kseg, comp, aux, do, lse, dterm):
         args += [tks, tkv, comp]
     in_specs += [sp["q"], sp["col"], sp["col"]]
     args += [do, lse, dterm]
-    out_specs = [sp["q"]]
-    out_shape = [jax.ShapeDtypeStruct((B, rows_total, cp), F32)]
-    scratch = [pltpu.VMEM((R, cp), F32)]
-    semantics = ("parallel", "parallel", "arbitrary")
-    est = _vmem_estimate(((2, R, cp), cfg.dtype), ((5, R, cp), F32), ((8, R, 1), F32), ((2, cfg.bk, cp), cfg.dtype),
-                         ((2, max(cfg.bkc, cfg.kc), cp), F32))
+    est_base = _vmem_estimate(((2, R, cp), cfg.dtype), ((5, R, cp), F32), ((8, R, 1), F32),
+                              ((2, cfg.bk, cp), cfg.dtype), ((2, max(cfg.bkc, cfg.kc), cp), F32))
+    topk_scratch = []
     if cfg.mode == "topk":
-        out_specs.append(pl.BlockSpec((None, cfg.Np, cp), lambda b, i, j: (b, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((B, cfg.Np, cp), F32))
-        scratch += [pltpu.VMEM((2, cfg.kc, cp), comp.dtype), pltpu.SemaphoreType.DMA((2,)),
-                    pltpu.VMEM((cfg.kc, cp), F32)]
-        semantics = ("parallel", "arbitrary", "arbitrary")  # dcomp accumulates across q blocks
-        est += _vmem_estimate(((2, cfg.Np, cp), F32), ((3, cfg.kc, cp), F32), ((2, cfg.bq, cfg.Kp), jnp.int32))
-    outs = pl.pallas_call(
-        functools.partial(_tpu_dq_kernel, cfg, nsteps),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=0, grid=(B, cfg.nq, nsteps), in_specs=in_specs, out_specs=out_specs,
-            scratch_shapes=scratch),
-        out_shape=out_shape,
-        compiler_params=_tpu_compiler_params(cfg, semantics, _tpu_vmem_limit(est)),
-        interpret=cfg.backend.interpret_arg,
-        name=f"v4_attn_dq_{cfg.mode}",
-    )(*args)
-    dq = outs[0]
-    dcomp = outs[1] if cfg.mode == "topk" else None
+        topk_scratch = [pltpu.VMEM((2, cfg.kc, cp), comp.dtype), pltpu.SemaphoreType.DMA((2,)),
+                        pltpu.VMEM((cfg.kc, cp), F32)]
+
+    def call(want_dq, want_dc, steps):
+        out_specs, out_shape, scratch = [], [], []
+        grid, semantics, specs = (B, cfg.nq, steps), ("parallel", "parallel", "arbitrary"), in_specs
+        est = est_base
+        if want_dq:
+            out_specs.append(sp["q"])
+            out_shape.append(jax.ShapeDtypeStruct((B, rows_total, cp), F32))
+            scratch.append(pltpu.VMEM((R, cp), F32))
+        if want_dc:
+            def add_chunk_axis(spec):
+                if spec.index_map is None:
+                    return spec
+                f = spec.index_map
+                return pl.BlockSpec(spec.block_shape, lambda b, ch, i, j: f(b, i, j), memory_space=spec.memory_space)
+
+            specs = [add_chunk_axis(s_) for s_ in in_specs]
+            out_specs = [add_chunk_axis(s_) for s_ in out_specs]
+            out_specs.append(pl.BlockSpec((None, cfg.dcr, cp), lambda b, ch, i, j: (b, ch, 0)))
+            out_shape.append(jax.ShapeDtypeStruct((B, cfg.Np, cp), F32))
+            grid = (B, cfg.nch, cfg.nq, steps)
+            # a dcomp chunk accumulates over the q blocks: that axis is sequential
+            semantics = ("parallel", "parallel", "arbitrary", "arbitrary")
+            est += _vmem_estimate(((2, cfg.dcr, cp), F32), ((3, cfg.kc, cp), F32), ((2, cfg.bq, cfg.Kp), jnp.int32))
+        return pl.pallas_call(
+            functools.partial(_tpu_dq_kernel, cfg, steps, want_dq, want_dc),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=0, grid=grid, in_specs=specs, out_specs=out_specs,
+                scratch_shapes=scratch + topk_scratch),
+            out_shape=out_shape,
+            compiler_params=_tpu_compiler_params(cfg, semantics, _tpu_vmem_limit(est)),
+            interpret=cfg.backend.interpret_arg,
+            name=f"v4_attn_{'dq' if want_dq else ''}{'dcomp' if want_dc else ''}_{cfg.mode}",
+        )(*args)
+
+    dcomp = None
+    if cfg.mode != "topk":
+        (dq,) = call(True, False, nsteps)
+    elif cfg.nch == 1:  # one pass: dq and the whole dcomp resident
+        dq, dcomp = call(True, True, nsteps)
+    else:  # dcomp too big for VMEM: dq once, then one scatter pass per dcomp chunk
+        (dq,) = call(True, False, nsteps)
+        (dcomp,) = call(False, True, 1)
 
     # ---- key-side gradients: grid (B, key_blocks, q_steps)
     def dkey(dense, keys, segs, nblk, blk, nsteps_k, q_block):
@@ -833,6 +878,14 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 # ============================================================================= public entry
 
+def _tpu_resident_rows(cp: int) -> int:
+    """Rows of the f32 top-k ``dcomp`` accumulator kept in VMEM per backward pass (double-buffered
+    output block): ~40 MiB on 128 MiB-VMEM chips (v5e, v6e, v5p), ~5 MiB on older ones."""
+    kind = jax.devices()[0].device_kind.lower() if jax.default_backend() == "tpu" else ""
+    budget = (5 << 20) if any(v in kind for v in ("v2", "v3", "v4")) else (40 << 20)
+    return max(8, (budget // (2 * cp * 4)) // 8 * 8)
+
+
 def _defaults(be: Backend, Hp: int):
     if be.kind == "tpu":
         return dict(block_q=max(8, round_up(max(1, 512 // Hp), 8)), block_k=128, block_c=128, chunk_k=128)
@@ -843,7 +896,7 @@ def _defaults(be: Backend, Hp: int):
 
 def attention(q, kv, sink, comp, topk, *, mode, window, ratio=1, scale=None, segment_ids=None,
               comp_segment_ids=None, block_q=None, block_k=None, block_c=None, chunk_k=None,
-              backend=None, interpret=None):
+              comp_chunk_rows=None, backend=None, interpret=None):
     """Shared entry. Returns ``(out [B,T,H,c] f32, lse [B,T,H] f32)``."""
     B, T, H, c = q.shape
     if kv.shape != (B, T, c):
@@ -889,11 +942,16 @@ def attention(q, kv, sink, comp, topk, *, mode, window, ratio=1, scale=None, seg
         Np = round_up(N, bkc)
     elif mode == "topk":
         Np = round_up(N, 8) if be.kind == "tpu" else N + 1
+        if be.kind == "tpu":
+            dcr = round_up(min(comp_chunk_rows or _tpu_resident_rows(cp), Np), 8)
+            Np = round_up(Np, dcr)
     else:
         Np = 0
     Kp = round_up(K, kc) if mode == "topk" else 0
+    if not (mode == "topk" and be.kind == "tpu"):
+        dcr = max(Np, 1)
     cfg = AttnCfg(mode=mode, window=int(window), ratio=int(ratio), scale=scale, B=B, H=H, Hp=Hp, c=c, cp=cp,
-                  T=T, Tp=Tp, Tk=Tk, N=N, Np=Np, K=K, Kp=Kp, bq=bq, bk=bk, bkc=bkc, kc=kc,
+                  T=T, Tp=Tp, Tk=Tk, N=N, Np=Np, K=K, Kp=Kp, bq=bq, bk=bk, bkc=bkc, kc=kc, dcr=dcr,
                   cd=jnp.dtype(cd).name, backend=be)
 
     # ---- layouts
@@ -919,7 +977,7 @@ def attention(q, kv, sink, comp, topk, *, mode, window, ratio=1, scale=None, seg
         compp = pad_axis(pad_axis(comp.astype(comp_dt), 1, Np), 2, cp)
         tk = pad_axis(pad_axis(topk.astype(jnp.int32), 1, Tp, -1), 2, Kp, -1)
         if be.kind == "tpu":
-            aux = (tk.reshape(B, Tp * Kp), tk)
+            aux = (tk.reshape(B, Tp * Kp), tk.reshape(B, Tp * (Kp // kc), kc))
         else:  # [B, nq, nck, bq*kc], token-major within a chunk
             nq, nck = Tp // bq, Kp // kc
             aux = tk.reshape(B, nq, bq, nck, kc).transpose(0, 1, 3, 2, 4).reshape(B, nq, nck, bq * kc)

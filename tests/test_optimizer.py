@@ -16,8 +16,8 @@ import pytest
 from v4jax.config import ConfigError, preset
 from v4jax.params import abstract_variables
 from v4jax.train.optimizer import (KELLER_NS_COEFFS, V4_NS_COEFFS, MatrixView, OptimizerConfig,
-                                   UnknownParameterError, hybrid_newton_schulz, lr_schedule, make_optimizer, matrix_views,
-                                   param_labels, scale_by_v4_muon)
+                                   UnknownParameterError, hybrid_newton_schulz, lr_schedule, make_optimizer,
+                                   matrix_views, param_labels, scale_by_v4_muon)
 
 MU, RMS, WD = 0.95, 0.18, 0.1
 
@@ -92,9 +92,6 @@ def test_hybrid_ns_singular_values_and_polar_factor(rng, shape):
     # Keller-Jordan's 5 steps alone do not get there: the (2, -1.5, 0.5) tail matters
     s5 = svals(hybrid_newton_schulz(jnp.asarray(x, jnp.float32), KELLER_NS_COEFFS))
     assert s5.min() < 0.5 and s5.max() > 1.1, (s5.min(), s5.max())
-    # nor do the first 8 steps of the V4 table without the tail
-    s8 = svals(hybrid_newton_schulz(jnp.asarray(x, jnp.float32), V4_NS_COEFFS[:8]))
-    assert s8.max() - s8.min() > 0.2
 
 
 def test_hybrid_ns_matches_numpy_and_optax(rng):
@@ -162,11 +159,12 @@ def test_experts_groups_and_compressor_halves_are_separate(rng, tiny_params):
     out = muon_once({p: views[p] for p in paths}, grads)
     g = {p: np.asarray(v) for p, v in grads.items()}
 
-    for p in paths[:2]:  # stacked: every expert / wo_a group on its own (experts 0, 3 scaled up; 4, 15 not)
-        for e in sorted({0, 3, 4, g[p].shape[0] - 1} & set(range(g[p].shape[0]))):
+    for p in paths[:2]:  # stacked: every expert / wo_a group on its own (expert 0 scaled up; 4, 15 not)
+        for e in sorted({0, 4, g[p].shape[0] - 1} & set(range(g[p].shape[0]))):
             np.testing.assert_allclose(out[p][e], np_muon_update(g[p][e]), atol=1e-4)
         E, n, m = g[p].shape  # NS of the flattened stack [E n, m], scaled like one expert: not the same
-        joint = (RMS * math.sqrt(max(n, m)) * np_ns(g[p].reshape(E * n, m))).reshape(E, n, m)
+        joint = RMS * math.sqrt(max(n, m)) * np.asarray(hybrid_newton_schulz(grads[p].reshape(E * n, m)))
+        joint = joint.reshape(E, n, m)
         assert np.abs(out[p] - joint).max() > 0.05
     for p in paths[2:4]:  # CSA compressors: the two [d, c] halves separately
         c = g[p].shape[1] // 2
@@ -251,12 +249,13 @@ def test_make_optimizer_matches_numpy_over_three_steps(rng):
     m = {"embed": 0.0, "norm": 0.0}
     v = {"embed": 0.0, "norm": 0.0}
     for t in range(1, 4):
-        g_np = jax.tree.map(lambda x: rng.standard_normal(x.shape) * 0.5 * t, p_np)
+        g_np = jax.tree.map(lambda x, s=0.5 * t: rng.standard_normal(x.shape) * s, p_np)
         upd, state = step(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g_np), state, params)
         params = optax.apply_updates(params, upd)
         # numpy reference: clip by global norm, V4 Muon + decoupled wd, AdamW
         gnorm = math.sqrt(sum(float(np.sum(x * x)) for x in jax.tree.leaves(g_np)))
-        g_np = jax.tree.map(lambda x: x * min(1.0, cfg.clip / gnorm), g_np)
+        factor = min(1.0, cfg.clip / gnorm)
+        g_np = jax.tree.map(lambda x, s=factor: x * s, g_np)
         a = p_np["layers_0"]["attn"]
         ga = g_np["layers_0"]["attn"]
         M["wq_a"] = MU * M["wq_a"] + ga["wq_a"]["kernel"]
@@ -272,11 +271,11 @@ def test_make_optimizer_matches_numpy_over_three_steps(rng):
             mh, vh = m[k] / (1 - b1 ** t), v[k] / (1 - b2 ** t)
             w = p_np[get[0]][get[1]]
             p_np[get[0]][get[1]] = w - lr * (mh / (np.sqrt(vh) + eps) + WD * w)
-        for (path, got), want in zip(flat(params).items(), jax.tree.leaves(p_np)):
+        for (path, got), want in zip(flat(params).items(), jax.tree.leaves(p_np), strict=True):
             np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"{path} step {t}")
     # decoupled weight decay: from a fresh state a zero gradient gives W (1 - lr wd), Muon and AdamW alike
     upd, _ = step(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-    for got, w in zip(jax.tree.leaves(optax.apply_updates(params, upd)), jax.tree.leaves(params)):
+    for got, w in zip(jax.tree.leaves(optax.apply_updates(params, upd)), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(got, np.asarray(w) * (1 - lr * WD), rtol=1e-6)
 
 
@@ -412,6 +411,9 @@ def test_config_validation_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=rf"OptimizerConfig\.{field}:"):
         OptimizerConfig(**base)
     OptimizerConfig(total_steps=1000, decay_start=600, warmup_steps=100, clip=None)  # None disables clipping
+    # JSON round trip: lists of lists become the tuple table again
+    c = OptimizerConfig(total_steps=10, decay_start=5, warmup_steps=1, muon_ns_coeffs=[[2, -1.5, 0.5]])
+    assert c.muon_ns_coeffs == ((2.0, -1.5, 0.5),) and hash(c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +421,20 @@ def test_config_validation_names_the_field(kw, field):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_update_traces_on_tiny_tree(tiny_params):
+    """The whole jitted update on all 213 tiny leaves, traced without compiling (the compiled step below
+    is marked slow: ~10 s of XLA compile on 2 CPU cores)."""
+    cfg = OptimizerConfig(total_steps=100, decay_start=50, warmup_steps=10)
+    tx = make_optimizer(cfg, tiny_params)
+    state = jax.eval_shape(tx.init, tiny_params)
+    upd, new_state = jax.eval_shape(jax.jit(tx.update), tiny_params, state, tiny_params)
+    assert jax.tree.structure(upd) == jax.tree.structure(tiny_params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    for u, p in zip(jax.tree.leaves(upd), jax.tree.leaves(tiny_params), strict=True):
+        assert (u.shape, u.dtype) == (p.shape, p.dtype)
+
+
+@pytest.mark.slow
 def test_jit_step_on_tiny_tree(rng, tiny_params):
     cfg = OptimizerConfig(total_steps=100, decay_start=50, warmup_steps=0, peak_lr=1e-2, final_lr=1e-3)
     params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32)), tiny_params)

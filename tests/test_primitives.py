@@ -214,3 +214,23 @@ def test_swiglu_clamp():
     from v4jax.moe.experts import swiglu
     g, v = jnp.array([20.0, -20.0]), jnp.array([20.0, -20.0])
     np.testing.assert_allclose(np.asarray(swiglu(g, v, 10.0)), [10 / (1 + math.exp(-10)) * 10, -20 / (1 + math.exp(20)) * -10], rtol=1e-5)
+
+
+def test_moe_dense_impl_equals_ragged():
+    """``moe_impl="dense"`` (every expert, for CPU training) gives the routed path's values and grads."""
+    from v4jax.moe.moe import MoE
+
+    cfg = preset("tiny", vocab_size=64, dim=32, moe_inter_dim=16, n_routed_experts=8)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
+    ragged, dense = MoE(cfg.moe(False)), MoE(cfg.replace(moe_impl="dense").moe(False))
+    v = ragged.init(jax.random.key(0), x, ids)
+    v = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), a.dtype)
+                     if a.dtype == jnp.float32 else a, v)
+    f = lambda m: lambda p: jnp.sum(m.apply({**v, "params": p}, x, ids)[0] ** 2)
+    ya, ga = jax.value_and_grad(f(ragged))(v["params"])
+    yb, gb = jax.value_and_grad(f(dense))(v["params"])
+    np.testing.assert_allclose(float(ya), float(yb), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

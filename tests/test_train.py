@@ -166,7 +166,7 @@ def test_run_config_overrides_and_round_trip(tmp_path):
     cfg.to_json(tmp_path / "c.json")
     assert TrainConfig.from_json(tmp_path / "c.json") == cfg
     assert train_preset(str(tmp_path / "c.json")) == cfg
-    assert [cfg.stage(s) for s in (0, 119, 120, 169, 170)] == ["dense", "dense", "indexer_warmup",
+    assert [cfg.stage(s) for s in (0, 19, 20, 29, 30)] == ["dense", "dense", "indexer_warmup",
                                                                 "indexer_warmup", "sparse"]
     for bad, msg in (["nope=1"], "no field"), (["model.nope=1"], "no field"), (["batch_size=0"], "batch_size"), \
                     (["optim.peak_lr=-1"], "peak_lr"), (["tokenizer=gpt2"], "tokenizer"):

@@ -110,6 +110,7 @@ class MoESpec:
     score_func: str
     hash_routed: bool
     vocab_size: int
+    impl: str = "ragged"   # "ragged" (sort + ragged_dot) or "dense" (every expert, exact; fast on CPU for small E)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ class V4Config:
     param_dtype: str = "float32"
     attention_impl: str = "reference"  # "reference" (jnp oracle) or "pallas"
     dense_compressed_attention: bool = False  # CSA without top-k (dense training stage)
+    moe_impl: str = "ragged"  # routed experts: "ragged" (sort + ragged_dot) or "dense" (all experts; CPU, small E)
     name: str = "custom"
 
     # -- validation ---------------------------------------------------------------------------
@@ -225,6 +227,7 @@ class V4Config:
         need(self.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
         need(self.param_dtype in ("float32", "bfloat16"), "param_dtype", "must be float32 or bfloat16")
         need(self.attention_impl in ("reference", "pallas"), "attention_impl", "must be 'reference' or 'pallas'")
+        need(self.moe_impl in ("ragged", "dense"), "moe_impl", "must be 'ragged' or 'dense'")
         need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1")
         need(self.original_seq_len >= 0, "original_seq_len", "must be >= 0 (0 disables YaRN)")
         need(self.norm_eps > 0 and self.hc_eps >= 0, "norm_eps", "eps values must be positive")
@@ -282,7 +285,8 @@ class V4Config:
         return MoESpec(dim=self.dim, n_experts=self.n_routed_experts, n_shared=self.n_shared_experts,
                        topk=self.n_activated_experts, inter_dim=self.moe_inter_dim,
                        route_scale=float(self.route_scale), swiglu_limit=float(self.swiglu_limit),
-                       score_func=self.score_func, hash_routed=hash_routed, vocab_size=self.vocab_size)
+                       score_func=self.score_func, hash_routed=hash_routed, vocab_size=self.vocab_size,
+                       impl=self.moe_impl)
 
     def hc(self) -> HCSpec:
         return HCSpec(dim=self.dim, n_streams=self.hc_mult, sinkhorn_iters=self.hc_sinkhorn_iters,

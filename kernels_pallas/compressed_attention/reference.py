@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from v4jax.attention.compressor import visible_entries
 from v4jax.attention.core import attention_reference
 
-from kernels_pallas._reference_common import reference_lse, window_kv_mask
+from kernels_pallas._reference_common import window_kv_mask
 
 
 def compressed_attention_reference(q, kv, sink, comp, *, ratio, window, scale=None, segment_ids=None,
@@ -23,7 +23,4 @@ def compressed_attention_reference(q, kv, sink, comp, *, ratio, window, scale=No
         if segment_ids is not None:
             comp_mask = comp_mask & (segment_ids[:, :, None] == comp_segment_ids[:, None, :])
     c = comp if N > 0 else None
-    out = attention_reference(q, kv, sink, window, c, comp_mask, scale=scale, kv_mask=kv_mask)
-    if not return_lse:
-        return out
-    return out, reference_lse(q, kv, sink, kv_mask, c, comp_mask, scale)
+    return attention_reference(q, kv, sink, window, c, comp_mask, scale=scale, kv_mask=kv_mask, return_lse=return_lse)

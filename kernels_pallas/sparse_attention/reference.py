@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from v4jax.attention.core import attention_reference, topk_to_mask
 
-from kernels_pallas._reference_common import reference_lse, window_kv_mask
+from kernels_pallas._reference_common import window_kv_mask
 
 
 def sparse_attention_reference(q, kv, sink, comp, topk, *, window, scale=None, segment_ids=None,
@@ -14,8 +14,5 @@ def sparse_attention_reference(q, kv, sink, comp, topk, *, window, scale=None, s
     kv_mask = window_kv_mask(T, window, segment_ids, B)
     N = 0 if comp is None else comp.shape[1]
     comp_mask = topk_to_mask(topk, N) if N > 0 else None
-    out = attention_reference(q, kv, sink, window, comp if N > 0 else None, comp_mask, scale=scale,
-                              kv_mask=kv_mask)
-    if not return_lse:
-        return out
-    return out, reference_lse(q, kv, sink, kv_mask, comp if N > 0 else None, comp_mask, scale)
+    return attention_reference(q, kv, sink, window, comp if N > 0 else None, comp_mask, scale=scale,
+                              kv_mask=kv_mask, return_lse=return_lse)

@@ -32,7 +32,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, return_indexer: bool = False, cache: dict | None = None,
                  start: jnp.ndarray | None = None, n_valid: jnp.ndarray | None = None,
-                 segment_ids: jnp.ndarray | None = None, indexer_loss: bool = False):
+                 segment_ids: jnp.ndarray | None = None, indexer_loss: bool = False,
+                 dense_attention: jnp.ndarray | None = None):
         """Whole sequence (``cache=None``), or a chunk at positions ``start + t`` against a layer
         cache (``v4jax.inference.cache``), returning ``(out, new_cache)``.
 
@@ -40,11 +41,10 @@ class Attention(nn.Module):
         key, compressed entry or compression block crosses a document; 0 = padding);
         ``indexer_loss`` (CSA layers) feeds the indexer detached inputs and returns ``(out, aux)``
         with ``aux["indexer_kl"]``/``aux["indexer_count"]``, the KL summed over counted queries
-        (``v4jax.attention.indexer_loss``) over the entries this layer attended to."""
+        (``v4jax.attention.indexer_loss``) over the entries this layer attended to.
+        ``dense_attention`` (a traced bool) overrides the config's ``dense_compressed`` so one
+        compiled training step serves every curriculum stage."""
         s = self.spec
-        if s.impl != "reference":
-            raise NotImplementedError(
-                f"attention_impl={s.impl!r}: the Pallas kernels are not built yet; use 'reference'")
         B, T, _ = x.shape
         H, c = s.n_heads, s.head_dim
         pos = jnp.arange(T) if cache is None else start[:, None] + jnp.arange(T)
@@ -82,19 +82,24 @@ class Attention(nn.Module):
             vis = visible_entries(pos, n, s.compressor.ratio, segment_ids)
             comp_mask = jnp.broadcast_to(vis if vis.ndim == 3 else vis[None], (B, T, n))
             if s.indexer is not None:
-                indexer = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, name="indexer")
+                indexer = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, impl=s.impl, name="indexer")
                 if cache is None:
                     xi, qi = (jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)) if indexer_loss else (x, qr)
                     idx, scores = indexer(xi, qi, return_scores=True, segment_ids=segment_ids)
                 else:
                     idx, scores, new_cache["indexer"] = indexer(x, qr, True, cache["indexer"], start, n_valid)
                 aux = {"topk": idx, "index_scores": scores}
-                if not s.dense_compressed:
+                if dense_attention is not None:
+                    comp_mask = jnp.where(dense_attention, comp_mask, comp_mask & topk_to_mask(idx, n))
+                elif not s.dense_compressed:
                     comp_mask = comp_mask & topk_to_mask(idx, n)
             comp = comp.astype(self.dtype)
 
         want_kl = indexer_loss and s.indexer is not None and cache is None
-        o, lse = attention_reference(q, kv, sink, s.window, comp, comp_mask, kv_mask=kv_mask, return_lse=True)
+        if s.impl == "pallas" and cache is None:
+            o, lse = _pallas_core(s, q, kv, sink, comp, aux.get("topk"), segment_ids, dense_attention)
+        else:   # the oracle (and the cached path: ring-buffer key masks are not a kernel input)
+            o, lse = attention_reference(q, kv, sink, s.window, comp, comp_mask, kv_mask=kv_mask, return_lse=True)
         if want_kl:
             mass = attention_mass(q, comp, lse, comp_mask, c ** -0.5)
             qmask = None if segment_ids is None else segment_ids > 0
@@ -113,3 +118,32 @@ class Attention(nn.Module):
         if return_indexer or indexer_loss or segment_ids is not None:
             return out, aux
         return out
+
+
+def _pallas_core(s: AttentionSpec, q, kv, sink, comp, topk, segment_ids, dense_attention):
+    """The same core attention through ``kernels_pallas`` (whole sequence): window-only and HCA
+    layers and dense-stage CSA use ``compressed_attention``; sparse CSA uses ``sparse_attention``
+    with the indexer's top-k lists. Returns (out fp32 ``[B,T,H,c]``, lse ``[B,T,H]``)."""
+    import kernels_pallas as kp
+
+    from v4jax.attention.compressor import entry_segments
+
+    if s.compressor is None:
+        return kp.compressed_attention(q, kv, sink, None, ratio=1, window=s.window, segment_ids=segment_ids,
+                                       return_lse=True)
+    ratio = s.compressor.ratio
+    cseg = None if segment_ids is None else entry_segments(segment_ids, ratio)[:, :comp.shape[1]]
+
+    def dense(_=None):
+        return kp.compressed_attention(q, kv, sink, comp, ratio=ratio, window=s.window, segment_ids=segment_ids,
+                                       comp_segment_ids=cseg, return_lse=True)
+
+    def sparse(_=None):
+        return kp.sparse_attention(q, kv, sink, comp, topk, window=s.window, segment_ids=segment_ids,
+                                   return_lse=True)
+
+    if s.indexer is None:
+        return dense()
+    if dense_attention is not None:
+        return jax.lax.cond(dense_attention, dense, sparse, None)
+    return dense() if s.dense_compressed else sparse()

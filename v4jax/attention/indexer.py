@@ -43,6 +43,7 @@ class Indexer(nn.Module):
     rope: RopeSpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "reference"   # "pallas": kernels_pallas.indexer_scores / indexer_topk (whole sequence)
 
     @nn.nowrap
     def queries(self, x: jnp.ndarray, qr: jnp.ndarray, positions: jnp.ndarray):
@@ -73,6 +74,16 @@ class Indexer(nn.Module):
             positions = start[:, None] + jnp.arange(T)
             keys, state = comp(x, state, start, n_valid)
         q, w = self.queries(x, qr, positions)
+        if self.impl == "pallas" and state is None:
+            import kernels_pallas as kp
+
+            from v4jax.attention.compressor import entry_segments
+
+            kseg = None if segment_ids is None else entry_segments(segment_ids, s.compressor.ratio)[:, :keys.shape[1]]
+            scores = kp.indexer_scores(q, keys, w, ratio=s.compressor.ratio, segment_ids=segment_ids,
+                                       key_segment_ids=kseg)
+            idx = kp.indexer_topk(scores, s.topk)
+            return (idx, scores) if return_scores else idx
         scores = indexer_scores(q, keys, w)
         visible = visible_entries(positions, keys.shape[1], s.compressor.ratio,
                                   segment_ids if state is None else None)

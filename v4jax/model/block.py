@@ -32,15 +32,17 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.moe(self.hash_routed), dt, pdt)
 
     def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray, cache: dict | None = None, start=None,
-                 n_valid=None, segment_ids: jnp.ndarray | None = None, indexer_loss: bool = False):
+                 n_valid=None, segment_ids: jnp.ndarray | None = None, indexer_loss: bool = False,
+                 dense_attention: jnp.ndarray | None = None):
         """-> (streams, router stats), plus the new layer cache when ``cache`` is given.
 
         Training: ``segment_ids [B, T]`` packed documents; ``indexer_loss`` adds the layer's
         ``indexer_kl`` / ``indexer_count`` to the stats (CSA layers, see ``Attention``)."""
         u, post, comb = self.hc_attn(x)
         extra = {}
-        if cache is None and (segment_ids is not None or indexer_loss):
-            a, aux = self.attn(self.attn_norm(u), segment_ids=segment_ids, indexer_loss=indexer_loss)
+        if cache is None and (segment_ids is not None or indexer_loss or dense_attention is not None):
+            a, aux = self.attn(self.attn_norm(u), segment_ids=segment_ids, indexer_loss=indexer_loss,
+                               dense_attention=dense_attention, return_indexer=True)
             extra = {k: aux[k] for k in ("indexer_kl", "indexer_count") if k in aux}
         elif cache is None:
             a = self.attn(self.attn_norm(u))

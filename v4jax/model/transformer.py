@@ -47,7 +47,8 @@ class Transformer(nn.Module):
 
     def __call__(self, ids: jnp.ndarray, with_mtp: bool | None = None, cache: dict | None = None,
                  n_valid: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None,
-                 next_ids: jnp.ndarray | None = None, indexer_loss: bool = False):
+                 next_ids: jnp.ndarray | None = None, indexer_loss: bool = False,
+                 dense_attention: jnp.ndarray | None = None):
         """With ``cache`` (``v4jax.inference.cache.init_cache``), ``ids`` is the next chunk of every
         sequence (positions ``cache["pos"][b] + t``; only the first ``n_valid[b]`` tokens are real,
         default all) and ``out["cache"]`` is the updated cache.
@@ -55,7 +56,8 @@ class Transformer(nn.Module):
         Training (no cache): ``segment_ids [B, T]`` marks packed documents (attention and
         compression stay inside a document); ``next_ids [B, T]`` are the tokens at t+1 fed to the
         MTP block (default: ``ids`` shifted, last position padded); ``indexer_loss`` makes every
-        CSA layer report its indexer KL in ``out["moe"][i]["indexer_kl"]`` (``indexer_count``)."""
+        CSA layer report its indexer KL in ``out["moe"][i]["indexer_kl"]`` (``indexer_count``);
+        ``dense_attention`` (traced bool) switches CSA top-k off without recompiling."""
         cfg = self.cfg
         h = self.embed(ids)
         x = jnp.repeat(h[:, :, None, :], cfg.hc_mult, axis=2)
@@ -65,7 +67,8 @@ class Transformer(nn.Module):
             n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x, st = layer(x, ids, segment_ids=segment_ids, indexer_loss=indexer_loss)
+                x, st = layer(x, ids, segment_ids=segment_ids, indexer_loss=indexer_loss,
+                              dense_attention=dense_attention)
             else:
                 x, st, lc = layer(x, ids, cache["layers"][i], cache["pos"], n_valid)
                 new_layers.append(lc)

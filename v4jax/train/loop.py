@@ -109,13 +109,17 @@ def make_data(cfg: TrainConfig, split: str):
 
 def evaluate(cfg: TrainConfig, params, buffers, stage: str, eval_fn=None, split: str = "validation",
              max_batches: int | None = None) -> dict:
-    """Mean next-token loss (and perplexity; MTP loss too) over ``split``."""
-    eval_fn = eval_fn or make_eval_step(cfg, stage)
+    """Mean next-token loss (and perplexity; MTP loss too) over ``split``, with the attention of
+    ``stage`` (dense CSA before the sparse stage)."""
+    from v4jax.train.config import STAGES
+
+    eval_fn = eval_fn or make_eval_step(cfg)
+    sid = jnp.int32(STAGES.index(stage))
     tot = {}
     for i, batch in enumerate(make_data(cfg, split)):
         if max_batches is not None and i >= max_batches:
             break
-        res = jax.device_get(eval_fn(params, buffers, _device(batch)))
+        res = jax.device_get(eval_fn(params, buffers, _device(batch), sid))
         for k, v in res.items():
             tot[k] = tot.get(k, 0.0) + float(v)
     if not tot.get("tokens"):
@@ -156,7 +160,8 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
         writer.truncate_after(latest)
         log(f"v4jax-train: resumed {workdir} at step {latest} (-> {stop})")
     step = int(state["step"])
-    steps_fns, eval_fns = {}, {}
+    train_step, eval_fn = make_train_step(cfg, tx, None, lr_fn), make_eval_step(cfg)
+    seen_stages = set()
     skipped = consecutive = 0
     last_loss = eval_loss = None
     bar = None
@@ -168,11 +173,11 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
     try:
         while step < stop:
             stage = cfg.stage(step)
-            if stage not in steps_fns:
-                steps_fns[stage] = make_train_step(cfg, tx, stage, lr_fn)
+            if stage not in seen_stages:
+                seen_stages.add(stage)
                 log(f"v4jax-train: step {step}: stage {stage!r}")
             batch = _device(next(data))
-            state, metrics = steps_fns[stage](state, batch)
+            state, metrics = train_step(state, batch)
             step += 1
             acc.append(metrics)
             window_tokens += int(np.prod(batch["tokens"].shape)) - batch["tokens"].shape[0]
@@ -180,7 +185,8 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
                 rows = jax.device_get(acc)
                 acc = []
                 now = time.perf_counter()
-                row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k not in ("skipped", "lr")}
+                row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]
+                       if k not in ("skipped", "lr", "stage")}
                 bad = int(sum(int(r["skipped"]) for r in rows))
                 consecutive = consecutive + bad if bad == len(rows) else (bad if int(rows[-1]["skipped"]) else 0)
                 skipped += bad
@@ -200,10 +206,7 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
             if bar is not None:
                 bar.update(1)
             if step % cfg.eval_every == 0 or step == stop:
-                ev_stage = cfg.stage(step - 1)
-                if ev_stage not in eval_fns:
-                    eval_fns[ev_stage] = make_eval_step(cfg, ev_stage)
-                res = evaluate(cfg, state["params"], state["buffers"], ev_stage, eval_fns[ev_stage],
+                res = evaluate(cfg, state["params"], state["buffers"], cfg.stage(step - 1), eval_fn,
                                max_batches=cfg.eval_batches)
                 eval_loss = res["loss"]
                 writer.write({"step": step, "eval": True, "split": "validation", **res})

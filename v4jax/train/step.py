@@ -28,21 +28,33 @@ def _is_indexer(path) -> bool:
     return any(getattr(k, "key", None) == "indexer" for k in path)
 
 
-def trainable(stage: str) -> Callable[[tuple], bool]:
-    """Which parameters a stage updates, by path: dense -> all but the indexer (it is unused),
-    indexer_warmup -> only the indexer, sparse -> all."""
-    if stage == "dense":
-        return lambda path: not _is_indexer(path)
-    if stage == "indexer_warmup":
-        return _is_indexer
-    return lambda path: True
+def stage_id(cfg: TrainConfig, step) -> jnp.ndarray:
+    """Curriculum stage of ``step`` as a traced int (0 dense, 1 indexer_warmup, 2 sparse)."""
+    d, w = cfg.dense_attention_steps, cfg.indexer_warmup_steps
+    return (step >= d).astype(jnp.int32) + (step >= d + w).astype(jnp.int32)
 
 
-def _keep_frozen(new, old, train_fn):
-    """Per leaf: the new value where the leaf's path is trainable (or it is a scalar counter),
-    the old one otherwise. Works on parameters and on optimizer states that mirror them."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, n, o: n if (jnp.ndim(n) == 0 or train_fn(p)) else o, new, old)
+def _as_id(stage) -> jnp.ndarray:
+    return jnp.int32(STAGES.index(stage)) if isinstance(stage, str) else stage
+
+
+def _train_flags(sid):
+    """(indexer trains, everything else trains) in stage ``sid``: dense -> the indexer is unused
+    and frozen; indexer_warmup -> only the indexer; sparse -> all."""
+    return sid >= 1, sid != 1
+
+
+def _mask_by_path(new, old, sid):
+    """Per leaf: the new value where the stage trains the leaf's parameter (scalar counters always),
+    the old one otherwise. Works on parameter trees and on optimizer states that mirror them."""
+    idx_on, rest_on = _train_flags(sid)
+
+    def pick(path, n, o):
+        if jnp.ndim(n) == 0:
+            return n
+        return jnp.where(idx_on if _is_indexer(path) else rest_on, n, o)
+
+    return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
 def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, variables: dict | None = None) -> State:
@@ -56,15 +68,20 @@ def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, variables: di
             "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(cfg.seed))}
 
 
-def _forward_losses(cfg: TrainConfig, stage: str, params, buffers, batch, step):
-    model = Transformer(cfg.model_for(stage))
+def _forward_losses(cfg: TrainConfig, stage, params, buffers, batch, step):
+    """Total loss of ``stage`` (a name or a traced id) and its parts. One graph for all stages:
+    CSA attention is dense in stages 0-1 (``dense_attention`` flag, no recompile), the indexer KL
+    is always computed (indexer inputs detached) and weighted by stage."""
+    sid = _as_id(stage)
     mc = cfg.model
+    model = Transformer(mc)
     tokens, seg = batch["tokens"], batch["segment_ids"]
     ids, targets = tokens[:, :-1], tokens[:, 1:]
     with_mtp = mc.n_mtp_layers > 0
-    want_kl = stage in ("indexer_warmup", "sparse") and "csa" in mc.layer_types
+    has_csa = "csa" in mc.layer_types
     out = model.apply({"params": params, "buffers": buffers}, ids, with_mtp=with_mtp,
-                      segment_ids=seg[:, :-1], next_ids=targets, indexer_loss=want_kl)
+                      segment_ids=seg[:, :-1], next_ids=targets, indexer_loss=has_csa,
+                      dense_attention=sid < 2)
     main_mask, mtp_mask = target_masks(seg)
     ce_sum, n_tok = masked_cross_entropy(out["logits"], targets, main_mask)
     lm = ce_sum / jnp.maximum(n_tok, 1.0)
@@ -72,52 +89,56 @@ def _forward_losses(cfg: TrainConfig, stage: str, params, buffers, batch, step):
     hash_flags = [mc.is_hash_layer(i) for i in range(mc.n_layers)]
     stats = list(out["moe"])
     bal = balance_loss(stats, hash_flags)
-    total = lm
+    model_loss = lm
     if with_mtp:
         mtp_targets = jnp.concatenate([tokens[:, 2:], jnp.zeros_like(tokens[:, :1])], axis=1)
         mtp_sum, mtp_n = masked_cross_entropy(out["mtp_logits"], mtp_targets, mtp_mask)
         mtp = mtp_sum / jnp.maximum(mtp_n, 1.0)
         w = jnp.where(step >= cfg.optim.decay_start, cfg.mtp_weight_after_decay, cfg.mtp_weight)
-        total = total + w * mtp
+        model_loss = model_loss + w * mtp
         bal = bal + balance_loss([out["mtp_moe"]], [False])
         aux["mtp_loss"] = mtp
-    total = total + cfg.balance_weight * bal
+    model_loss = model_loss + cfg.balance_weight * bal
     aux["balance"] = bal
-    if want_kl:
-        kl = indexer_loss(stats)
+    if has_csa:
+        kl = cfg.indexer_loss_weight * indexer_loss(stats)
         aux["indexer_kl"] = kl
-        total = cfg.indexer_loss_weight * kl if stage == "indexer_warmup" else total + cfg.indexer_loss_weight * kl
+        total = jnp.where(sid == 1, kl, model_loss + jnp.where(sid == 2, kl, 0.0))
+    else:
+        total = model_loss
     return total, (aux, stats, out.get("mtp_moe"))
 
 
-def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: str,
+def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: str | None = None,
                     lr_fn: Callable | None = None, jit: bool = True):
-    """``train_step(state, batch) -> (state, metrics)`` for one curriculum stage."""
-    if stage not in STAGES:
+    """``train_step(state, batch) -> (state, metrics)``. The curriculum stage follows
+    ``state["step"]`` (one compiled function for the whole run) unless ``stage`` pins one."""
+    if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    train_fn = trainable(stage)
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         step = state["step"]
+        sid = stage_id(cfg, step) if stage is None else _as_id(stage)
         grad_fn = jax.value_and_grad(_forward_losses, argnums=2, has_aux=True)
-        (loss, (aux, stats, mtp_stats)), grads = grad_fn(cfg, stage, state["params"], state["buffers"], batch, step)
-        grads = _keep_frozen(grads, jax.tree.map(jnp.zeros_like, grads), train_fn)
+        (loss, (aux, stats, mtp_stats)), grads = grad_fn(cfg, sid, state["params"], state["buffers"], batch, step)
+        grads = _mask_by_path(grads, jax.tree.map(jnp.zeros_like, grads), sid)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         # keep the optimizer's arithmetic finite on a bad step; its result is discarded below
         safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
         updates, opt_state = tx.update(safe_grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        params = _keep_frozen(params, state["params"], train_fn)
-        opt_state = _keep_frozen(opt_state, state["opt_state"], train_fn)
+        params = _mask_by_path(params, state["params"], sid)
+        opt_state = _mask_by_path(opt_state, state["opt_state"], sid)
         buffers = state["buffers"]
-        if stage != "indexer_warmup" and cfg.bias_update_speed > 0:
-            buffers = updated_router_biases(buffers, stats, mtp_stats, cfg.bias_update_speed)
+        if cfg.bias_update_speed > 0:
+            moved = updated_router_biases(buffers, stats, mtp_stats, cfg.bias_update_speed)
+            buffers = jax.tree.map(lambda n, o: jnp.where(sid != 1, n, o), moved, buffers)
         pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = {"step": step + 1, "params": pick(params, state["params"]),
                      "opt_state": pick(opt_state, state["opt_state"]), "buffers": pick(buffers, state["buffers"]),
                      "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.int32), **aux}
+        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.int32), "stage": sid, **aux}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(step)
         loads = [st["load"] for i, st in enumerate(stats) if not cfg.model.is_hash_layer(i)]
@@ -129,17 +150,18 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
     return jax.jit(train_step, donate_argnums=(0,)) if jit else train_step
 
 
-def make_eval_step(cfg: TrainConfig, stage: str, jit: bool = True):
-    """``eval_step(params, buffers, batch) -> sums`` (``lm_sum``, ``tokens``, ``mtp_sum``,
-    ``mtp_tokens``) so that evaluation over many batches averages per token."""
+def make_eval_step(cfg: TrainConfig, jit: bool = True):
+    """``eval_step(params, buffers, batch, stage_id) -> sums`` (``lm_sum``, ``tokens``,
+    ``mtp_sum``, ``mtp_tokens``) so that evaluation over many batches averages per token; the
+    stage (traced) picks the attention: dense CSA before the sparse stage."""
 
-    def eval_step(params, buffers, batch):
-        model = Transformer(cfg.model_for(stage))
+    def eval_step(params, buffers, batch, sid):
+        model = Transformer(cfg.model)
         tokens, seg = batch["tokens"], batch["segment_ids"]
         ids, targets = tokens[:, :-1], tokens[:, 1:]
         with_mtp = cfg.model.n_mtp_layers > 0
         out = model.apply({"params": params, "buffers": buffers}, ids, with_mtp=with_mtp,
-                          segment_ids=seg[:, :-1], next_ids=targets)
+                          segment_ids=seg[:, :-1], next_ids=targets, dense_attention=_as_id(sid) < 2)
         main_mask, mtp_mask = target_masks(seg)
         lm_sum, n = masked_cross_entropy(out["logits"], targets, main_mask)
         res = {"lm_sum": lm_sum, "tokens": n}
