@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The tiny preset on a CPU (spec 11 recipe): 600 steps of 8 x 256 tokens of the shipped Python
-# corpus, dense CSA for 120 steps, 50 indexer warm-up steps, then sparse; writes loss.png.
-# About 15 minutes on a 2-core CPU.  Usage: experiments/train_tiny.sh [WORKDIR] [extra v4jax-train args]
+# The tiny preset on a CPU (spec 11 model): 110 steps of 4 x 256 tokens of the shipped Python
+# corpus, dense CSA for 20 steps, 10 indexer warm-up steps, then sparse; writes loss.png.
+# About 13 minutes on an idle 2-core CPU.  Usage: experiments/train_tiny.sh [WORKDIR] [extra v4jax-train args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKDIR="${1:-experiments/runs/tiny}"; shift || true

@@ -81,12 +81,8 @@ def upcast(*xs):
 
 
 # The TPU wrapper under Pallas' TPU interpreter (simulated DMAs, SMEM, semaphores): ~1 min per
-# test on 2 CPU cores, so opt-in: KERNELS_PALLAS_TPU_INTERPRET=1 (and they are also `slow`).
+# test on 2 CPU cores, so `slow` (run them with `pytest -m slow kernels_pallas`).
 def tpu_interpret_test(fn):
-    import os
-
     import pytest
 
-    skip = pytest.mark.skipif(not os.environ.get("KERNELS_PALLAS_TPU_INTERPRET"),
-                              reason="set KERNELS_PALLAS_TPU_INTERPRET=1 to run the TPU wrapper in the TPU interpreter")
-    return pytest.mark.slow(skip(fn))
+    return pytest.mark.slow(fn)

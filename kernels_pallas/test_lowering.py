@@ -30,8 +30,11 @@ def test_lowers_for_gpu_triton():
             assert "xla.gpu.triton" in txt, name
 
 
+# A full Mosaic compile needs an unpacked libtpu wheel (pip download libtpu==0.0.50.1): `slow`, and
+# it skips with that instruction where KERNELS_PALLAS_LIBTPU is not set.
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("KERNELS_PALLAS_LIBTPU"),
-                    reason="set KERNELS_PALLAS_LIBTPU to compile with libtpu")
+                    reason="set KERNELS_PALLAS_LIBTPU to an unpacked libtpu wheel to compile with libtpu")
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 def test_compiles_for_tpu_with_libtpu(topology):
     r = subprocess.run([sys.executable, "-m", "kernels_pallas.tpu_aot", "--libtpu", os.environ["KERNELS_PALLAS_LIBTPU"],

@@ -182,7 +182,7 @@ def _build(cls, d: dict[str, Any]):
 # -- presets ------------------------------------------------------------------------------------
 
 def _tiny() -> TrainConfig:
-    """The tiny model (spec 11) on a 2-core CPU in about 15 minutes: 4 x 256-token rows per step,
+    """The tiny model (spec 11) on a 2-core CPU within 15 minutes: 4 x 256-token rows per step,
     110 steps, LR 3e-3 (10 warm-up steps, cosine from step 80); dense CSA for 20 steps, a 10-step
     indexer warm-up, then sparse. Routed experts use the exact dense path (faster on CPU for 16
     experts). Scale ``batch_size``/``total_steps`` up on an accelerator (spec 11: 8-16 x 256)."""

@@ -169,6 +169,10 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
         from tqdm.auto import tqdm
 
         bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True)
+    if latest is None and stop > 0:   # the starting point (about ln(vocab) for a fresh model)
+        res = evaluate(cfg, state["params"], state["buffers"], cfg.stage(0), eval_fn, max_batches=cfg.eval_batches)
+        writer.write({"step": 0, "eval": True, "split": "validation", **res})
+        log(f"v4jax-train: step 0: validation loss {res['loss']:.4f} (ppl {res['perplexity']:.2f})")
     window_t, window_tokens, acc = time.perf_counter(), 0, []
     try:
         while step < stop:
