@@ -20,7 +20,7 @@ import json
 import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from v4jax.config import ConfigError, V4Config, preset
@@ -90,15 +90,6 @@ class TrainConfig:
         if step < self.dense_attention_steps + self.indexer_warmup_steps:
             return "indexer_warmup"
         return "sparse"
-
-    def stage_end(self, step: int) -> int:
-        """First step after the stage containing ``step``."""
-        d, w = self.dense_attention_steps, self.indexer_warmup_steps
-        return d if step < d else d + w if step < d + w else 2 ** 62
-
-    def model_for(self, stage: str) -> V4Config:
-        """The model config a stage runs (dense stages switch CSA top-k off)."""
-        return self.model.replace(dense_compressed_attention=stage != "sparse")
 
     # -- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -191,8 +191,10 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
                 now = time.perf_counter()
                 row = {k: float(np.mean([r[k] for r in rows])) for k in rows[-1]
                        if k not in ("skipped", "lr", "stage")}
-                bad = int(sum(int(r["skipped"]) for r in rows))
-                consecutive = consecutive + bad if bad == len(rows) else (bad if int(rows[-1]["skipped"]) else 0)
+                bad = 0
+                for r in rows:   # the trailing run of skipped steps decides the stop
+                    consecutive = consecutive + 1 if int(r["skipped"]) else 0
+                    bad += int(r["skipped"])
                 skipped += bad
                 row.update(step=step, stage=stage, lr=float(rows[-1].get("lr", float("nan"))),
                            skipped=bad, tokens_per_s=window_tokens / max(now - window_t, 1e-9))
