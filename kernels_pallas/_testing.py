@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from v4jax.attention.compressor import visible_entries
-from v4jax.attention.indexer import select_topk
+from kernels_pallas.indexer.reference import select_visible_topk, visibility
 
 
 def segments(B: int, T: int, docs_per_row=(3, 2), seed: int = 0) -> np.ndarray:
@@ -35,13 +34,12 @@ def attention_inputs(B, T, H, c, N, seed=0, dtype=jnp.float32):
 
 
 def random_topk(B, T, N, K, ratio, seg=None, cseg=None, drop=0.2, seed=0) -> jnp.ndarray:
-    """Top-k lists as the model makes them (``select_topk`` over visible entries, so early
-    queries get all -1), then ``drop`` of the remaining picks knocked out to -1 mid-list."""
+    """Top-k lists as the model makes them (top-k of random scores over the visible entries, so
+    early queries get all -1), then ``drop`` of the remaining picks knocked out to -1 mid-list."""
     rng = np.random.default_rng(seed + 1)
-    vis = np.broadcast_to(np.asarray(visible_entries(jnp.arange(T), N, ratio))[None], (B, T, N))
-    if seg is not None:
-        vis = vis & (seg[:, :, None] == cseg[:, None, :])
-    idx = np.asarray(select_topk(jnp.asarray(rng.normal(size=(B, T, N)), jnp.float32), jnp.asarray(vis), K))
+    vis = visibility(T, N, ratio, None if seg is None else jnp.asarray(seg),
+                     None if seg is None else jnp.asarray(cseg), B)
+    idx = np.asarray(select_visible_topk(jnp.asarray(rng.normal(size=(B, T, N)), jnp.float32), vis, K))
     idx = np.where(rng.random(idx.shape) < drop, -1, idx)
     return jnp.asarray(idx, jnp.int32)
 

@@ -26,14 +26,15 @@ def small_config(**kw):
 
 def random_variables(cfg, seed: int = 0):
     """Random weights with the exact tree of ``Transformer(cfg).init``, drawn on the host (no
-    compile). Nothing is left at its init value: sinks, position biases, mHC biases/scales, norm
+    compile), drawn per layer and stacked like the model's scanned layers. Nothing is left at its init value: sinks, position biases, mHC biases/scales, norm
     weights and router biases are all non-trivial (init values hide bugs)."""
     import flax.traverse_util as tu
     from v4jax.moe.moe import default_tid2eid
+    from v4jax.model.layout import stack_variables, unstack_variables
     from v4jax.params import abstract_variables
 
     rng = np.random.default_rng(seed)
-    flat = tu.flatten_dict(abstract_variables(cfg), sep="/")
+    flat = tu.flatten_dict(unstack_variables(cfg, abstract_variables(cfg)), sep="/")
     out = {}
     for path, leaf in flat.items():
         shape, name = leaf.shape, path.split("/")[-1]
@@ -53,7 +54,7 @@ def random_variables(cfg, seed: int = 0):
             fan_in = shape[-2] if len(shape) >= 2 else 1
             x = rng.standard_normal(shape) / np.sqrt(fan_in)
         out[path] = jnp.asarray(x, leaf.dtype)
-    return tu.unflatten_dict(out, sep="/")
+    return stack_variables(cfg, tu.unflatten_dict(out, sep="/"))
 
 
 @pytest.fixture(scope="session")

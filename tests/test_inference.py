@@ -140,7 +140,7 @@ def test_greedy_generation_equals_transformers():
 
 def test_kv_formats_round_trip_bounds(rng):
     import jax.numpy as jnp
-    from v4jax.inference import kv_format
+    from v4jax.attention import kv_format
     x = jnp.asarray(rng.normal(size=(2, 5, 128)) * np.exp(rng.normal(size=(2, 5, 1))), jnp.float32)
     main = kv_format.empty((2, 5, 128), jnp.float32, "fp8", rope_dim=64)
     y = np.asarray(kv_format.load(kv_format.encode(x, main)))
@@ -163,7 +163,8 @@ def test_fp8_cache_logit_error_is_small():
     ids = np.random.default_rng(7).integers(0, 256, size=(2, 40)).astype(np.int32)
     full = np.asarray(m(ids))
     cache = m.new_cache(2, 40, "fp8")
-    assert cache["layers"][1]["window"]["q"].dtype == np.dtype("float8_e4m3fn")
+    from v4jax.model.layout import layer_tree
+    assert layer_tree(cfg, cache["layers"], 1)["window"]["q"].dtype == np.dtype("float8_e4m3fn")
     logits, cache = m.extend(ids[:, :17], cache)
     outs = [np.asarray(logits)]
     for t in range(17, 40):

@@ -42,9 +42,8 @@ def test_prefix_logits_independent_of_length(small_model, outputs):
 def test_csa_with_large_topk_equals_dense(small_model):
     ids = np.random.default_rng(5).integers(0, 256, size=(1, T)).astype(np.int32)
     big = small_model.cfg.replace(index_topk=T)        # top-k >= every visible count
-    dense = small_model.cfg.replace(dense_compressed_attention=True)
     a = v4jax.V4Model(big, small_model.variables)(ids)
-    b = v4jax.V4Model(dense, small_model.variables)(ids)
+    b = small_model.forward(ids, dense_attention=True)["logits"]
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     c = small_model(ids)  # topk 3 < visible: sparse selection really changes the output
     assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-4
@@ -54,15 +53,18 @@ def test_csa_with_large_topk_equals_dense(small_model):
 def lm_grads(small_model):
     """Gradient of the summed logits w.r.t. all params (one compile, shared by the tests below)."""
     from v4jax.model.transformer import Transformer
+    from v4jax.model.layout import unstack_layers
     m = Transformer(small_model.cfg)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 24)), jnp.int32)
-    return jax.jit(jax.grad(lambda p: m.apply({"params": p, "buffers": small_model.buffers}, ids,
-                                              with_mtp=False)["logits"].sum()))(small_model.params)
+    g = jax.jit(jax.grad(lambda p: m.apply({"params": p, "buffers": small_model.buffers}, ids,
+                                           with_mtp=False)["logits"].sum()))(small_model.params)
+    return unstack_layers(small_model.cfg, g)     # per-layer view of the stacked gradient
 
 
 def test_hash_layers_select_by_token_only(small_model, lm_grads):
     from v4jax.moe.router import hash_route
-    table = small_model.buffers["layers_0"]["ffn"]["gate"]["tid2eid"]
+    from v4jax.model.layout import layer_tree
+    table = layer_tree(small_model.cfg, small_model.buffers, 0)["ffn"]["gate"]["tid2eid"]
     sel = np.asarray(hash_route(jnp.array([[3, 3, 9]]), table))
     # same token -> same experts, k distinct experts per token
     assert (sel[0, 0] == sel[0, 1]).all() and len(set(sel[0, 0].tolist())) == table.shape[1]
@@ -89,7 +91,8 @@ def test_indexer_gets_no_gradient_from_lm_loss(lm_grads):
 
 def test_router_bias_changes_selection_only(small_model):
     ids = np.random.default_rng(2).integers(0, 256, size=(1, 16)).astype(np.int32)
-    bufs = jax.tree.map(lambda x: x, small_model.buffers)
+    from v4jax.model.layout import unstack_layers
+    bufs = unstack_layers(small_model.cfg, small_model.buffers)
     base = small_model.forward(ids)
     bufs["layers_2"]["ffn"]["gate"]["bias"] = bufs["layers_2"]["ffn"]["gate"]["bias"].at[0].add(100.0)
     other = v4jax.V4Model(small_model.cfg, {"params": small_model.params, "buffers": bufs}).forward(ids)

@@ -65,6 +65,14 @@ def muon_once(views, grads):
 
 @pytest.fixture(scope="module")
 def tiny_params():
+    """The tiny preset's parameters in the per-layer (checkpoint) layout: one path per layer."""
+    from v4jax.model.layout import unstack_layers
+    return unstack_layers(preset("tiny"), abstract_variables(preset("tiny"))["params"])
+
+
+@pytest.fixture(scope="module")
+def tiny_stacked():
+    """The same parameters as the model holds them: scanned stacks with a leading layer axis."""
     return abstract_variables(preset("tiny"))["params"]
 
 
@@ -435,7 +443,29 @@ def test_update_traces_on_tiny_tree(tiny_params):
 
 
 @pytest.mark.slow
-def test_jit_step_on_tiny_tree(rng, tiny_params):
+def test_stacked_layers_are_orthogonalised_per_layer(rng, tiny_params, tiny_stacked):
+    """Muon on the model's stacked tree equals Muon on the per-layer tree, leaf by leaf: the stacked
+    layer axis is a batch axis (each layer's, each expert's matrix on its own)."""
+    from v4jax.model.layout import unstack_layers
+    cfg = OptimizerConfig(total_steps=100, decay_start=50, warmup_steps=0, peak_lr=1e-2, final_lr=1e-3)
+    tiny = preset("tiny")
+    params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32)), tiny_stacked)
+    grads = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)), tiny_stacked)
+    views = matrix_views(tiny_stacked)
+    assert views["stack_2/layer_1/ffn/experts/w1"] == MatrixView(batch=2)            # [layers, E, d, I]
+    assert views["stack_2/layer_1/attn/compressor/wkv/kernel"] == MatrixView(batch=1, col_blocks=2)
+    tx_s, tx_c = make_optimizer(cfg, tiny_stacked), make_optimizer(cfg, tiny_params)
+    upd_s, _ = jax.jit(tx_s.update)(grads, tx_s.init(params), params)
+    p_c, g_c = unstack_layers(tiny, params), unstack_layers(tiny, grads)
+    upd_c, _ = jax.jit(tx_c.update)(g_c, tx_c.init(p_c), p_c)
+    a, b = flat(unstack_layers(tiny, upd_s)), flat(upd_c)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), rtol=2e-4, atol=1e-7, err_msg=k)
+
+
+def test_jit_step_on_tiny_tree(rng, tiny_stacked):
+    tiny_params = tiny_stacked
     cfg = OptimizerConfig(total_steps=100, decay_start=50, warmup_steps=0, peak_lr=1e-2, final_lr=1e-3)
     params = jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape, np.float32)), tiny_params)
     grads = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32)), tiny_params)

@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import random_variables, small_config
+from v4jax.attention.context import SeqContext
+from v4jax.attention.indexer import indexer_scores
 from v4jax.attention.indexer_loss import indexer_kl
+from v4jax.model.layout import layer_tree, stack_variables
 from v4jax.model.transformer import Transformer
 
 T = 48          # 6 HCA(8) blocks, 12 CSA(4) blocks
@@ -24,9 +27,9 @@ A = 16          # first document; a multiple of lcm(4, 8)
 @pytest.fixture(scope="module")
 def packed():
     cfg = small_config()
-    v = random_variables(cfg, seed=1)
+    v = stack_variables(cfg, random_variables(cfg, seed=1))
     m = Transformer(cfg)
-    fwd = jax.jit(lambda v, ids, seg: m.apply(v, ids, segment_ids=seg, indexer_loss=True))
+    fwd = jax.jit(lambda v, ids, seg: m.apply(v, ids, SeqContext(segment_ids=seg, indexer_loss=True)))
     return cfg, v, m, fwd
 
 
@@ -94,12 +97,12 @@ def test_layer_indexer_kl_uses_dense_attention_mass(packed, rng):
     """The per-layer KL reported by the model equals the KL computed from an explicit re-run of
     the layer's attention (dense stage: all visible entries), and is >= 0."""
     cfg, v, m, fwd = packed
-    dense_cfg = cfg.replace(dense_compressed_attention=True)
-    md = Transformer(dense_cfg)
+    md = Transformer(cfg)
     ids = _ids(rng, T)[None]
     seg = np.ones((1, T), np.int32)
-    out = jax.jit(lambda v, ids, seg: md.apply(v, ids, segment_ids=seg, indexer_loss=True))(v, ids, seg)
-    kls = [(float(st["indexer_kl"]), float(st["indexer_count"])) for st in out["moe"] if "indexer_kl" in st]
+    ctx = lambda seg: SeqContext(segment_ids=seg, dense_attention=True, indexer_loss=True)
+    out = jax.jit(lambda v, ids, seg: md.apply(v, ids, ctx(seg)))(v, ids, seg)
+    kls = [(float(st.kl), float(st.count)) for st, t in zip(out["indexer"], cfg.layer_types) if t == "csa"]
     assert len(kls) == sum(t == "csa" for t in cfg.layer_types)
     # queries with >= 1 complete CSA block: t >= 3
     assert all(c == T - 3 for _, c in kls) and all(k > 0 for k, _ in kls)
@@ -114,15 +117,15 @@ def _layer_kl_numpy(model, v, ids, li):
     _, inter = model.apply(v, ids, capture_intermediates=lambda mdl, name: name == "__call__"
                            and mdl.name in ("compressor", "indexer", "kv_norm", "q_norm", "wq_b"),
                            mutable=["intermediates"])
-    layer = inter["intermediates"][f"layers_{li}"]["attn"]
-    # captured: the main compressor's entries, the indexer's (idx, scores)
+    layer = layer_tree(model.cfg, inter["intermediates"], li)["attn"]
+    # captured: the main compressor's entries, the indexer's (queries, keys, head weights)
     comp = np.asarray(layer["compressor"]["__call__"][0], np.float64)
-    _, scores = layer["indexer"]["__call__"][0]
-    scores = np.asarray(scores, np.float64)[0]
+    iq, ikeys, iw = layer["indexer"]["__call__"][0]
+    scores = np.asarray(indexer_scores(iq, ikeys, iw), np.float64)[0]
     # queries: re-run the query path through the module's own submodules
     q = np.asarray(_queries(model, v, ids, li), np.float64)[0]             # [T, H, c]
     kv = np.asarray(_window_kv(model, v, ids, li), np.float64)[0]          # [T, c]
-    sink = np.asarray(v["params"][f"layers_{li}"]["attn"]["attn_sink"], np.float64)
+    sink = np.asarray(layer_tree(model.cfg, v["params"], li)["attn"]["attn_sink"], np.float64)
     Tn, H, c = q.shape
     n = comp.shape[1]
     ratio = 4
@@ -154,7 +157,7 @@ def _attn_inputs(model, v, ids, li):
     """The normalised input of layer li's attention, via a capture of ``attn_norm``."""
     _, inter = model.apply(v, ids, capture_intermediates=lambda mdl, name: mdl.name == "attn_norm",
                            mutable=["intermediates"])
-    return inter["intermediates"][f"layers_{li}"]["attn_norm"]["__call__"][0]
+    return layer_tree(model.cfg, inter["intermediates"], li)["attn_norm"]["__call__"][0]
 
 
 def _queries(model, v, ids, li):
@@ -163,7 +166,7 @@ def _queries(model, v, ids, li):
 
     cfg = model.cfg
     x = _attn_inputs(model, v, ids, li)
-    p = v["params"][f"layers_{li}"]["attn"]
+    p = layer_tree(model.cfg, v["params"], li)["attn"]
     qr = x @ p["wq_a"]["kernel"]
     qr = rms_normalize(qr, cfg.norm_eps) * p["q_norm"]["scale"]
     q = (qr @ p["wq_b"]["kernel"]).reshape(x.shape[0], x.shape[1], cfg.n_heads, cfg.head_dim)
@@ -177,6 +180,6 @@ def _window_kv(model, v, ids, li):
 
     cfg = model.cfg
     x = _attn_inputs(model, v, ids, li)
-    p = v["params"][f"layers_{li}"]["attn"]
+    p = layer_tree(model.cfg, v["params"], li)["attn"]
     kv = rms_normalize(x @ p["wkv"]["kernel"], cfg.norm_eps) * p["kv_norm"]["scale"]
     return apply_rope(kv, jnp.arange(x.shape[1]), cfg.attention("csa").rope)

@@ -1,4 +1,4 @@
-"""``attention_impl="pallas"`` end to end (interpret mode on CPU): the public loader gives a model whose
+"""``Runtime(attention="pallas")`` end to end (interpret mode on CPU): the public loader gives a model whose
 logits equal transformers' (the same fixture as test_parity) and the reference path's, and one
 training step (packed documents, sparse stage with the indexer KL) equals the reference step."""
 
@@ -14,17 +14,19 @@ import pytest
 import v4jax
 from conftest import random_variables, small_config
 
+from v4jax.runtime import Runtime
+
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_mixed")
 
 
 def test_load_hf_with_pallas_attention_matches_transformers_and_reference():
     ref = np.load(os.path.join(FIXTURE, "expected.npz"))
     model = v4jax.load_hf(FIXTURE, attention_impl="pallas")
-    assert model.cfg.attention_impl == "pallas"
+    assert model.runtime.attention == "pallas"
     got = np.asarray(model(ref["input_ids"]))
     scale = float(np.max(np.abs(ref["logits"])))
     assert float(np.max(np.abs(got - ref["logits"]))) <= 1e-4 * scale
-    base = np.asarray(v4jax.load_hf(FIXTURE)(ref["input_ids"]))
+    base = np.asarray(v4jax.load_hf(FIXTURE, attention="reference")(ref["input_ids"]))
     assert float(np.max(np.abs(got - base))) <= 2e-5 * scale
 
 
@@ -44,8 +46,8 @@ def test_pallas_training_step_equals_reference():
     seg[0, 13:] = 2
     batch = {"tokens": tokens, "segment_ids": jnp.asarray(seg)}
     for impl in ("reference", "pallas"):
-        mc = small_config(attention_impl=impl, n_mtp_layers=0)
-        cfg = TrainConfig(model=mc, optim=OptimizerConfig(total_steps=10, decay_start=8, warmup_steps=0, peak_lr=1e-2),
+        mc = small_config(n_mtp_layers=0)
+        cfg = TrainConfig(model=mc, runtime=Runtime(attention=impl), optim=OptimizerConfig(total_steps=10, decay_start=8, warmup_steps=0, peak_lr=1e-2),
                           seq_len=T, batch_size=2, total_steps=10)
         v = random_variables(mc, seed=3)
         tx = make_optimizer(cfg.optim, v["params"])

@@ -217,14 +217,14 @@ def test_swiglu_clamp():
 
 
 def test_moe_dense_impl_equals_ragged():
-    """``moe_impl="dense"`` (every expert, for CPU training) gives the routed path's values and grads."""
+    """``Runtime(moe="dense")`` (every expert, for CPU training) gives the routed path's values and grads."""
     from v4jax.moe.moe import MoE
 
     cfg = preset("tiny", vocab_size=64, dim=32, moe_inter_dim=16, n_routed_experts=8)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
-    ragged, dense = MoE(cfg.moe(False)), MoE(cfg.replace(moe_impl="dense").moe(False))
+    ragged, dense = MoE(cfg.moe(False)), MoE(cfg.moe(False), impl="dense")
     v = ragged.init(jax.random.key(0), x, ids)
     v = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), a.dtype)
                      if a.dtype == jnp.float32 else a, v)

@@ -22,10 +22,13 @@ import numpy as np
 import pytest
 
 from v4jax.config import V4Config, preset
+from v4jax.model.layout import layer_tree
 from v4jax.params import abstract_variables
 from v4jax.weights import (CheckpointError, dequant_fp4, dequant_fp8_block, load_checkpoint,
                            load_variables, naming, save_official, unpack_fp4)
 from v4jax.weights.safetensors_io import SafetensorsFile, write_arrays
+
+
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -136,7 +139,7 @@ def test_round_trip_official_single_file(cfg, variables, tmp_path):
     loaded, cfg2 = load_variables(d, cfg)
     assert cfg2 == cfg
     assert_identical(loaded, variables)
-    assert loaded["buffers"]["layers_0"]["ffn"]["gate"]["tid2eid"].dtype == np.int32
+    assert layer_tree(cfg, loaded["buffers"], 0)["ffn"]["gate"]["tid2eid"].dtype == np.int32
     # default config comes from config.json (same model up to the preset name)
     loaded2, cfg3 = load_variables(d)
     assert cfg3.n_layers == 3 and cfg3.layer_types == cfg.layer_types and cfg3.n_mtp_layers == 1
@@ -283,7 +286,7 @@ def test_load_fp8_fp4_bf16_checkpoint(cfg, official, tmp_path):
     loaded, _ = load_variables(d, cfg)
     ref = load_variables(write_ckpt(tmp_path / "deq", deq, cfg), cfg).variables
     assert_identical(loaded, ref)
-    w1 = loaded["params"]["layers_1"]["ffn"]["experts"]["w1"]
+    w1 = layer_tree(cfg, loaded["params"], 1)["ffn"]["experts"]["w1"]
     np.testing.assert_array_equal(w1[3], deq["layers.1.ffn.experts.3.w1.weight"].T)
 
 
@@ -349,8 +352,9 @@ def test_hf_mixed_fixture_loads():
     raw = read_all(os.path.join(d, "model.safetensors"))
     p = r.variables["params"]
     np.testing.assert_array_equal(p["head"]["kernel"], raw["head.weight"].T)
-    np.testing.assert_array_equal(p["layers_1"]["attn"]["kv_norm"]["scale"], raw["model.layers.1.attn.norm.weight"])
-    np.testing.assert_array_equal(r.variables["buffers"]["layers_0"]["ffn"]["gate"]["tid2eid"],
+    np.testing.assert_array_equal(layer_tree(r.cfg, p, 1)["attn"]["kv_norm"]["scale"],
+                                  raw["model.layers.1.attn.norm.weight"])
+    np.testing.assert_array_equal(layer_tree(r.cfg, r.variables["buffers"], 0)["ffn"]["gate"]["tid2eid"],
                                   raw["model.layers.0.ffn.gate.tid2eid"])
 
 

@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax.attention.context import SeqContext
 from v4jax.config import V4Config
-from v4jax.model.transformer import Transformer
+from v4jax.model.transformer import Transformer, init_cache
+from v4jax.runtime import Runtime, split_runtime_kwargs
 
 
 class InputError(ValueError):
@@ -44,54 +46,72 @@ def check_token_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
     return jnp.asarray(host, jnp.int32)
 
 
-class V4Model:
-    """A DeepSeek-V4 model: ``cfg`` (``V4Config``), ``variables`` (``{"params", "buffers"}``)."""
+def _runtime(runtime: Runtime | None, options: dict) -> Runtime:
+    rt = runtime or Runtime()
+    return Runtime.from_dict({**rt.to_dict(), **options}) if options else rt
 
-    def __init__(self, cfg: V4Config, variables: dict):
+
+class V4Model:
+    """A DeepSeek-V4 model: ``cfg`` (``V4Config``, the architecture), ``variables``
+    (``{"params", "buffers"}``, layers stacked as in ``v4jax.model.layout``) and ``runtime``
+    (``Runtime``: which attention / MoE implementation, remat policy). Runtime options may also be
+    given as keywords: ``V4Model(cfg, variables, attention="reference")``."""
+
+    def __init__(self, cfg: V4Config, variables: dict, runtime: Runtime | None = None, **options):
+        from v4jax.model.layout import stack_variables
+
         self.cfg = cfg
-        self.module = Transformer(cfg)
-        self.variables = variables
+        self.runtime = _runtime(runtime, options)
+        self.module = Transformer(cfg, self.runtime)
+        self.variables = stack_variables(cfg, variables)   # accepts the per-layer layout too
         self._forward = jax.jit(self._pure_forward, static_argnames=("with_mtp",))
         self._extend = jax.jit(self._pure_extend)
 
+    def with_runtime(self, runtime: Runtime | None = None, **options) -> "V4Model":
+        """The same weights under other implementation choices."""
+        return V4Model(self.cfg, self.variables, _runtime(runtime or self.runtime, options))
+
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def init(cls, cfg: V4Config, seed: int = 0) -> "V4Model":
+    def init(cls, cfg: V4Config, seed: int = 0, runtime: Runtime | None = None, **options) -> "V4Model":
         """Freshly initialised weights (training-from-scratch initialisation, spec 4 / techniques 1.5).
 
         The init key uses XLA's RngBitGenerator (``impl="rbg"``), which compiles about twice as
         fast as threefry on CPU; results are deterministic for a given seed and backend."""
-        module = Transformer(cfg)
+        rt = _runtime(runtime, options)
+        module = Transformer(cfg, rt)
         init = jax.jit(module.init)
         variables = nn.meta.unbox(init(jax.random.key(seed, impl="rbg"), jnp.zeros((1, 4), jnp.int32)))
-        return cls(cfg, variables)
+        return cls(cfg, variables, rt)
 
     # -- forward --------------------------------------------------------------------------------
-    def _pure_forward(self, variables, ids, with_mtp: bool):
-        return self.module.apply(variables, ids, with_mtp=with_mtp)
+    def _pure_forward(self, variables, ids, ctx, with_mtp: bool):
+        return self.module.apply(variables, ids, ctx, with_mtp=with_mtp)
 
     def __call__(self, ids) -> jax.Array:
         """``ids [B, T]`` int -> fp32 logits ``[B, T, vocab]``."""
         ids = check_token_ids(ids, self.cfg.vocab_size)
-        return self._forward(self.variables, ids, with_mtp=False)["logits"]
+        return self._forward(self.variables, ids, SeqContext(), with_mtp=False)["logits"]
 
-    def forward(self, ids, with_mtp: bool = True) -> dict:
+    def forward(self, ids, with_mtp: bool = True, segment_ids=None, dense_attention: bool | None = None) -> dict:
         """Full outputs: ``logits``, ``mtp_logits`` (if the config has MTP), ``moe`` router stats,
-        ``hidden`` final streams ``[B, T, hc_mult, d]``."""
+        ``indexer`` stats, ``hidden`` final streams ``[B, T, hc_mult, d]``. ``segment_ids [B, T]``:
+        packed documents; ``dense_attention=True``: CSA attends to every visible entry (the dense
+        training stage) instead of the indexer's top-k."""
         ids = check_token_ids(ids, self.cfg.vocab_size)
-        return self._forward(self.variables, ids, with_mtp=with_mtp)
+        seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        ctx = SeqContext(segment_ids=seg, dense_attention=None if dense_attention is None else bool(dense_attention))
+        return self._forward(self.variables, ids, ctx, with_mtp=with_mtp)
 
     # -- cached inference (prefill in chunks of any size, decode = a chunk of one) ---------------
     def _pure_extend(self, variables, ids, cache, n_valid):
-        out = self.module.apply(variables, ids, with_mtp=False, cache=cache, n_valid=n_valid)
+        out = self.module.apply(variables, ids, cache, n_valid, method="extend")
         return out["logits"], out["cache"]
 
     def new_cache(self, batch: int, max_len: int, fmt: str = "native") -> dict:
         """An empty fixed-shape cache for ``batch`` sequences of up to ``max_len`` tokens.
         ``fmt="fp8"`` stores entries as FP8 e4m3 (rope dims bf16) and indexer keys as FP4, see
-        ``inference/kv_format``."""
-        from v4jax.inference.cache import init_cache
-
+        ``v4jax.attention.kv_format``."""
         return init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype), fmt)
 
     def extend(self, ids, cache: dict, lengths=None):
@@ -186,6 +206,12 @@ class V4Model:
 
         return count_params(self.cfg)
 
+    def layer_params(self, i: int) -> dict:
+        """Layer ``i``'s parameters (sliced from its stack)."""
+        from v4jax.model.layout import layer_tree
+
+        return layer_tree(self.cfg, self.params, i)
+
     def save(self, path: str | os.PathLike, dtype: str = "float32", shard_bytes: int | None = None) -> None:
         """Write an official-naming checkpoint directory (config.json + safetensors)."""
         from v4jax.weights import save_official
@@ -199,14 +225,16 @@ class V4Model:
 def load_hf(path: str | os.PathLike, **overrides) -> V4Model:
     """Load a DeepSeek-V4 checkpoint directory (``config.json`` + ``*.safetensors``, single file or
     sharded with an index) in the official or the ``transformers`` naming. FP8/FP4 weights are
-    dequantized on load, tensor by tensor. ``overrides`` are ``V4Config`` fields
-    (e.g. ``attention_impl="pallas"``, ``dtype="bfloat16"``)."""
+    dequantized on load, tensor by tensor. ``overrides`` are ``V4Config`` fields (e.g.
+    ``dtype="bfloat16"``) or ``Runtime`` options (``attention="xla"|"reference"|"pallas"``,
+    ``moe="ragged"|"dense"``, ``remat=...``; the old names ``attention_impl`` / ``moe_impl`` work)."""
     from v4jax.weights import load_variables
 
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
-    cfg = V4Config.from_json(cfg_path, **overrides)
+    cfg_kw, rt_kw = split_runtime_kwargs(overrides)
+    cfg = V4Config.from_json(cfg_path, **cfg_kw)
     variables, cfg = load_variables(path, cfg)
-    return V4Model(cfg, variables)
+    return V4Model(cfg, variables, Runtime.from_dict(rt_kw))

@@ -32,6 +32,17 @@ class ConfigError(ValueError):
     """Raised when a configuration breaks a rule; the message names the field and the rule."""
 
 
+_RUNTIME_KEYS = ("attention_impl", "moe_impl", "dense_compressed_attention", "attention", "moe", "remat")
+
+
+def _refuse_runtime_keys(keys) -> None:
+    bad = sorted(k for k in keys if k in _RUNTIME_KEYS)
+    if bad:
+        raise ConfigError(f"{bad} are not architecture: pass them as runtime options (v4jax.Runtime, or "
+                          f"load_hf(..., attention='xla'|'reference'|'pallas', moe='ragged'|'dense'); the dense "
+                          f"curriculum stage is SeqContext(dense_attention=True))")
+
+
 # ---------------------------------------------------------------------------------------------
 # Small typed views handed to modules
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +103,6 @@ class AttentionSpec:
     rope: RopeSpec
     compressor: CompressorSpec | None
     indexer: IndexerSpec | None
-    dense_compressed: bool  # CSA attends to every visible entry (indexer off), for the dense stage
-    impl: str
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,6 @@ class MoESpec:
     score_func: str
     hash_routed: bool
     vocab_size: int
-    impl: str = "ragged"   # "ragged" (sort + ragged_dot) or "dense" (every expert, exact; fast on CPU for small E)
 
 
 @dataclass(frozen=True)
@@ -180,12 +188,9 @@ class V4Config:
     # tokens
     bos_token_id: int = 0
     eos_token_id: int = 1
-    # numerics and implementation choices (not architecture)
+    # numerics (which kernels compute the model is a runtime option: ``v4jax.runtime.Runtime``)
     dtype: str = "float32"  # activation / compute dtype: float32 or bfloat16
     param_dtype: str = "float32"
-    attention_impl: str = "reference"  # "reference" (jnp oracle) or "pallas"
-    dense_compressed_attention: bool = False  # CSA without top-k (dense training stage)
-    moe_impl: str = "ragged"  # routed experts: "ragged" (sort + ragged_dot) or "dense" (all experts; CPU, small E)
     name: str = "custom"
 
     # -- validation ---------------------------------------------------------------------------
@@ -226,8 +231,6 @@ class V4Config:
         need(self.hc_mult >= 1, "hc_mult", "must be >= 1")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
         need(self.param_dtype in ("float32", "bfloat16"), "param_dtype", "must be float32 or bfloat16")
-        need(self.attention_impl in ("reference", "pallas"), "attention_impl", "must be 'reference' or 'pallas'")
-        need(self.moe_impl in ("ragged", "dense"), "moe_impl", "must be 'ragged' or 'dense'")
         need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1")
         need(self.original_seq_len >= 0, "original_seq_len", "must be >= 0 (0 disables YaRN)")
         need(self.norm_eps > 0 and self.hc_eps >= 0, "norm_eps", "eps values must be positive")
@@ -237,6 +240,7 @@ class V4Config:
     # -- derived views --------------------------------------------------------------------------
     def replace(self, **kw) -> "V4Config":
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+        _refuse_runtime_keys(unknown)
         if unknown:
             raise ConfigError(f"V4Config has no field(s) {sorted(unknown)}")
         return dataclasses.replace(self, **kw)
@@ -278,15 +282,13 @@ class V4Config:
             layer_type=layer_type, dim=self.dim, n_heads=self.n_heads, head_dim=self.head_dim,
             q_lora_rank=self.q_lora_rank, o_groups=self.o_groups, o_lora_rank=self.o_lora_rank,
             window=self.window_size, norm_eps=self.norm_eps, rope=self.rope(layer_type),
-            compressor=self.compressor(layer_type), indexer=self.indexer(layer_type),
-            dense_compressed=self.dense_compressed_attention, impl=self.attention_impl)
+            compressor=self.compressor(layer_type), indexer=self.indexer(layer_type))
 
     def moe(self, hash_routed: bool) -> MoESpec:
         return MoESpec(dim=self.dim, n_experts=self.n_routed_experts, n_shared=self.n_shared_experts,
                        topk=self.n_activated_experts, inter_dim=self.moe_inter_dim,
                        route_scale=float(self.route_scale), swiglu_limit=float(self.swiglu_limit),
-                       score_func=self.score_func, hash_routed=hash_routed, vocab_size=self.vocab_size,
-                       impl=self.moe_impl)
+                       score_func=self.score_func, hash_routed=hash_routed, vocab_size=self.vocab_size)
 
     def hc(self) -> HCSpec:
         return HCSpec(dim=self.dim, n_streams=self.hc_mult, sinkhorn_iters=self.hc_sinkhorn_iters,
@@ -298,8 +300,9 @@ class V4Config:
         """Build from a ``transformers`` config.json dict or an official ``inference/config.json`` dict.
 
         Both key styles are accepted (HF keys win when both are present). ``overrides`` are
-        ``V4Config`` field names (e.g. ``attention_impl="pallas"``, ``dtype="bfloat16"``).
+        ``V4Config`` field names (e.g. ``dtype="bfloat16"``); kernel choices are ``Runtime`` options.
         """
+        _refuse_runtime_keys(set(overrides))
         g = lambda *keys, default=None: next((d[k] for k in keys if k in d and d[k] is not None), default)
         n_layers = g("num_hidden_layers", "n_layers")
         if n_layers is None:

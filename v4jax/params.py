@@ -36,7 +36,9 @@ class ParamCount:
 
 
 def count_params(cfg: V4Config) -> ParamCount:
-    params = abstract_variables(cfg)["params"]
+    from v4jax.model.layout import unstack_layers
+
+    params = unstack_layers(cfg, abstract_variables(cfg)["params"])
     size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     mtp = size({k: v for k, v in params.items() if k.startswith("mtp_")})
     total = size(params) - mtp

@@ -17,6 +17,7 @@ from v4jax.config import V4Config
 # logical axis -> mesh axis (or None = replicated). One table for the whole model.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),          # the stacked layer axis of a scanned stack (v4jax.model.layout)
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("embed_out", None),

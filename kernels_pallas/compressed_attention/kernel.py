@@ -1,9 +1,9 @@
 """HCA / dense-CSA / window-only attention: sliding window + ALL visible compressed entries +
-sink, one online softmax. See ``kernels_pallas/_attention.py`` for the kernels."""
+sink, one online softmax. See ``kernels_pallas/attention_core/`` for the kernels."""
 
 from __future__ import annotations
 
-from kernels_pallas._attention import attention
+from kernels_pallas.attention_core import attention
 
 
 def compressed_attention(q, kv, sink, comp, *, ratio, window, scale=None, segment_ids=None,

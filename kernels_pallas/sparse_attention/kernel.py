@@ -1,12 +1,12 @@
 """CSA hot path: sliding window + per-query top-k compressed entries + sink, one online softmax.
 
-See ``kernels_pallas/_attention.py`` for the kernels (TPU Mosaic wrapper with SMEM index blocks
-and per-row DMA gathers; portable Triton / interpreter wrapper with vector gathers and atomic
-scatter-add in the backward)."""
+See ``kernels_pallas/attention_core/`` for the kernels (``tpu.py``: Mosaic wrapper with SMEM index
+blocks and per-row DMA gathers; ``portable.py``: Triton / interpreter wrapper with vector gathers
+and atomic scatter-add in the backward)."""
 
 from __future__ import annotations
 
-from kernels_pallas._attention import attention
+from kernels_pallas.attention_core import attention
 
 
 def sparse_attention(q, kv, sink, comp, topk, *, window, scale=None, segment_ids=None, return_lse=False,

@@ -2,7 +2,18 @@
 shared K=V single head, sliding window, optional compressor (HCA/CSA) and lightning indexer (CSA),
 one softmax with a per-head sink, output de-rotation, grouped low-rank output projection.
 
-Input ``x [B, T, d]`` (the mHC-collapsed, ``attn_norm``-ed stream) -> ``[B, T, d]``.
+Two entry points, one typed return each:
+
+* ``__call__(x, ctx)``: a whole sequence ``x [B, T, d]`` (the mHC-collapsed, ``attn_norm``-ed
+  stream) -> ``(out [B, T, d], IndexerStats)``. ``ctx`` (``SeqContext``) carries the packed
+  documents, the dense-stage flag and whether to compute the indexer KL.
+* ``extend(x, cache, start, n_valid)``: a chunk at positions ``start[b] + t`` against this layer's
+  cache (``init_attention_cache``; only the first ``n_valid[b]`` tokens are real)
+  -> ``(out [B, T, d], new cache)``.
+
+The core attention and the indexer's selection go through ``v4jax.attention.backend``, chosen by
+``Runtime.attention``; the cache update rules (``window_step`` here, ``compressor_step`` in
+``compressor.py``) live beside the state they update.
 """
 
 from __future__ import annotations
@@ -11,14 +22,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from v4jax.attention.compressor import Compressor, visible_entries
-from v4jax.attention.core import attention_reference, topk_to_mask, window_mask
+from v4jax.attention import backend, kv_format
+from v4jax.attention.compressor import Compressor, init_compressor_state, visible_entries
+from v4jax.attention.context import IndexerStats, SeqContext
 from v4jax.attention.indexer import Indexer
-from v4jax.attention.indexer_loss import attention_mass, indexer_kl
 from v4jax.config import AttentionSpec
 from v4jax.layers.linear import Linear, param_with_axes
 from v4jax.layers.norms import RMSNorm, rms_normalize
 from v4jax.layers.rope import apply_rope
+from v4jax.runtime import Runtime
 
 
 class Attention(nn.Module):
@@ -28,122 +40,123 @@ class Attention(nn.Module):
     spec: AttentionSpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    runtime: Runtime = Runtime()
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, return_indexer: bool = False, cache: dict | None = None,
-                 start: jnp.ndarray | None = None, n_valid: jnp.ndarray | None = None,
-                 segment_ids: jnp.ndarray | None = None, indexer_loss: bool = False,
-                 dense_attention: jnp.ndarray | None = None):
-        """Whole sequence (``cache=None``), or a chunk at positions ``start + t`` against a layer
-        cache (``v4jax.inference.cache``), returning ``(out, new_cache)``.
+    def setup(self):
+        s = self.spec
+        H, c, g = s.n_heads, s.head_dim, s.o_groups
+        lin = lambda f, axes: Linear(f, axes, self.dtype, self.param_dtype)
+        self.wq_a = lin(s.q_lora_rank, ("embed", "q_lora"))
+        self.q_norm = RMSNorm(s.q_lora_rank, s.norm_eps)
+        self.wq_b = lin(H * c, ("q_lora", "heads"))
+        self.wkv = lin(c, ("embed", "kv"))
+        self.kv_norm = RMSNorm(c, s.norm_eps)
+        self.attn_sink = param_with_axes(self, "attn_sink", nn.initializers.zeros, (H,), ("heads_only",))
+        self.wo_a = param_with_axes(self, "wo_a", nn.initializers.normal(0.02), (g, H * c // g, s.o_lora_rank),
+                                    ("o_groups", "heads", "o_lora"), self.param_dtype)
+        self.wo_b = lin(s.dim, ("o_lora", "embed"))
+        if s.compressor is not None:
+            self.compressor = Compressor(s.compressor, s.rope, self.param_dtype)
+        if s.indexer is not None:
+            self.indexer = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype)
 
-        Training options (whole sequence only): ``segment_ids [B, T]`` packed documents (no window
-        key, compressed entry or compression block crosses a document; 0 = padding);
-        ``indexer_loss`` (CSA layers) feeds the indexer detached inputs and returns ``(out, aux)``
-        with ``aux["indexer_kl"]``/``aux["indexer_count"]``, the KL summed over counted queries
-        (``v4jax.attention.indexer_loss``) over the entries this layer attended to.
-        ``dense_attention`` (a traced bool) overrides the config's ``dense_compressed`` so one
-        compiled training step serves every curriculum stage."""
+    # -- shared pieces ------------------------------------------------------------------------
+    def _project(self, x, pos):
+        """3.1 query path and 3.2 shared K=V entries: (q latent ``[B,T,d_c]``, q ``[B,T,H,c]``, kv ``[B,T,c]``)."""
         s = self.spec
         B, T, _ = x.shape
-        H, c = s.n_heads, s.head_dim
-        pos = jnp.arange(T) if cache is None else start[:, None] + jnp.arange(T)
-        lin = lambda f, axes, name: Linear(f, axes, self.dtype, self.param_dtype, name=name)
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).reshape(B, T, s.n_heads, s.head_dim)
+        q = apply_rope(rms_normalize(q, s.norm_eps).astype(self.dtype), pos, s.rope)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), pos, s.rope)
+        return qr, q, kv
 
-        # 3.1 query path
-        qr = RMSNorm(s.q_lora_rank, s.norm_eps, name="q_norm")(lin(s.q_lora_rank, ("embed", "q_lora"), "wq_a")(x))
-        q = lin(H * c, ("q_lora", "heads"), "wq_b")(qr).reshape(B, T, H, c)
-        q = rms_normalize(q, s.norm_eps).astype(self.dtype)
-        q = apply_rope(q, pos, s.rope)
-        # 3.2 shared K=V window entries
-        kv = RMSNorm(c, s.norm_eps, name="kv_norm")(lin(c, ("embed", "kv"), "wkv")(x))
-        kv = apply_rope(kv, pos, s.rope)
-
-        sink = param_with_axes(self, "attn_sink", nn.initializers.zeros, (H,), ("heads_only",))
-        comp = comp_mask = kv_mask = None
-        aux = {}
-        new_cache = {}
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed documents) are for whole-sequence training, not the cache")
-            same = segment_ids[:, :, None] == segment_ids[:, None, :]
-            kv_mask = window_mask(pos, pos, s.window)[None] & same
-        if cache is not None:
-            from v4jax.inference.cache import window_step
-
-            kv, kv_mask, new_cache["window"] = window_step(cache["window"], kv, start, s.window, n_valid)
-        if s.compressor is not None:
-            compressor = Compressor(s.compressor, s.rope, self.param_dtype, name="compressor")
-            if cache is None:
-                comp = compressor(x, segment_ids=segment_ids)
-            else:
-                comp, new_cache["compressor"] = compressor(x, cache["compressor"], start, n_valid)
-            n = comp.shape[1]
-            vis = visible_entries(pos, n, s.compressor.ratio, segment_ids)
-            comp_mask = jnp.broadcast_to(vis if vis.ndim == 3 else vis[None], (B, T, n))
-            if s.indexer is not None:
-                indexer = Indexer(s.indexer, s.rope, self.dtype, self.param_dtype, impl=s.impl, name="indexer")
-                if cache is None:
-                    xi, qi = (jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)) if indexer_loss else (x, qr)
-                    idx, scores = indexer(xi, qi, return_scores=True, segment_ids=segment_ids)
-                else:
-                    idx, scores, new_cache["indexer"] = indexer(x, qr, True, cache["indexer"], start, n_valid)
-                aux = {"topk": idx, "index_scores": scores}
-                if dense_attention is not None:
-                    comp_mask = jnp.where(dense_attention, comp_mask, comp_mask & topk_to_mask(idx, n))
-                elif not s.dense_compressed:
-                    comp_mask = comp_mask & topk_to_mask(idx, n)
-            comp = comp.astype(self.dtype)
-
-        want_kl = indexer_loss and s.indexer is not None and cache is None
-        if s.impl == "pallas" and cache is None:
-            o, lse = _pallas_core(s, q, kv, sink, comp, aux.get("topk"), segment_ids, dense_attention)
-        else:   # the oracle (and the cached path: ring-buffer key masks are not a kernel input)
-            o, lse = attention_reference(q, kv, sink, s.window, comp, comp_mask, kv_mask=kv_mask, return_lse=True)
-        if want_kl:
-            mass = attention_mass(q, comp, lse, comp_mask, c ** -0.5)
-            qmask = None if segment_ids is None else segment_ids > 0
-            aux["indexer_kl"], aux["indexer_count"] = indexer_kl(mass, aux["index_scores"], comp_mask, qmask)
+    def _output(self, o, pos):
+        """3.5 de-rotation and 3.6 grouped low-rank output: ``[B,T,H,c]`` -> ``[B,T,d]``."""
+        s = self.spec
+        B, T = o.shape[:2]
         o = apply_rope(o, pos, s.rope, inverse=True).astype(self.dtype)
-
-        # 3.6 grouped low-rank output projection
         g = s.o_groups
-        o = o.reshape(B, T, g, H * c // g)
-        wo_a = param_with_axes(self, "wo_a", nn.initializers.normal(0.02), (g, H * c // g, s.o_lora_rank),
-                               ("o_groups", "heads", "o_lora"), self.param_dtype)
-        u = jnp.einsum("btgi,gio->btgo", o, wo_a.astype(self.dtype)).astype(self.dtype)
-        out = lin(s.dim, ("o_lora", "embed"), "wo_b")(u.reshape(B, T, g * s.o_lora_rank))
-        if cache is not None:
-            return (out, new_cache, aux) if return_indexer else (out, new_cache)
-        if return_indexer or indexer_loss or segment_ids is not None:
-            return out, aux
-        return out
+        o = o.reshape(B, T, g, s.n_heads * s.head_dim // g)
+        u = jnp.einsum("btgi,gio->btgo", o, self.wo_a.astype(self.dtype)).astype(self.dtype)
+        return self.wo_b(u.reshape(B, T, g * s.o_lora_rank))
+
+    # -- whole sequence -----------------------------------------------------------------------
+    def __call__(self, x: jnp.ndarray, ctx: SeqContext = SeqContext()) -> tuple[jnp.ndarray, IndexerStats]:
+        s, impl = self.spec, self.runtime.attention
+        pos = jnp.arange(x.shape[1])
+        qr, q, kv = self._project(x, pos)
+        seg = ctx.segment_ids
+        comp = topk = None
+        stats = IndexerStats.zero()
+        if s.compressor is not None:
+            comp = self.compressor(x, segment_ids=seg).astype(self.dtype)
+        if s.indexer is not None:
+            # with the indexer loss the indexer trains on detached inputs (techniques 3.4)
+            xi, qi = (jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)) if ctx.indexer_loss else (x, qr)
+            iq, ikeys, iw = self.indexer(xi, qi, segment_ids=seg)
+            if ctx.dense_attention is not True or ctx.indexer_loss:
+                topk = backend.select(impl, iq, ikeys, iw, s.indexer.topk, s.compressor.ratio, seg)
+        o, lse = backend.attend(impl, s, q, kv, self.attn_sink, comp, topk, ctx, self.runtime.q_chunk)
+        if s.indexer is not None and ctx.indexer_loss:
+            stats = backend.indexer_kl(impl, s, q, comp, lse, iq, ikeys, iw, topk, ctx, self.runtime.q_chunk)
+        return self._output(o, pos), stats
+
+    # -- cached chunk (prefill chunk or decode step) --------------------------------------------
+    def extend(self, x: jnp.ndarray, cache: dict, start: jnp.ndarray, n_valid: jnp.ndarray):
+        s, impl = self.spec, self.runtime.attention
+        T = x.shape[1]
+        pos = start[:, None] + jnp.arange(T)
+        qr, q, kv = self._project(x, pos)
+        new = {}
+        keys, key_mask, new["window"] = window_step(cache["window"], kv, start, s.window, n_valid)
+        comp = visible = topk = None
+        if s.compressor is not None:
+            comp, new["compressor"] = self.compressor.extend(x, cache["compressor"], start, n_valid)
+            comp = comp.astype(self.dtype)
+            visible = visible_entries(pos, comp.shape[1], s.compressor.ratio)
+        if s.indexer is not None:
+            iq, ikeys, iw, new["indexer"] = self.indexer.extend(x, qr, cache["indexer"], start, n_valid)
+            topk = backend.select_cached(iq, ikeys, iw, s.indexer.topk, visible)
+        o, _ = backend.attend_cached(impl, q, keys, key_mask, self.attn_sink, comp, visible, topk)
+        return self._output(o, pos), new
 
 
-def _pallas_core(s: AttentionSpec, q, kv, sink, comp, topk, segment_ids, dense_attention):
-    """The same core attention through ``kernels_pallas`` (whole sequence): window-only and HCA
-    layers and dense-stage CSA use ``compressed_attention``; sparse CSA uses ``sparse_attention``
-    with the indexer's top-k lists. Returns (out fp32 ``[B,T,H,c]``, lse ``[B,T,H]``)."""
-    import kernels_pallas as kp
+def init_attention_cache(spec: AttentionSpec, batch: int, max_len: int, dtype, fmt: str = "native") -> dict:
+    """This layer's cache (spec 3.8): ``window [B, W, c]``, a ring buffer (slot ``p % W`` holds
+    position ``p``); HCA / CSA: the main ``compressor`` state; CSA: the ``indexer``'s key
+    compressor state (``init_compressor_state``). ``fmt``: storage of the cached entries
+    (``kv_format``: ``"native"`` or ``"fp8"``)."""
+    r_dim = spec.rope.rope_dim
+    c = {"window": kv_format.empty((batch, spec.window, spec.head_dim), dtype, fmt, r_dim)}
+    if spec.compressor is not None:
+        c["compressor"] = init_compressor_state(spec.compressor, batch, max_len, dtype, fmt, r_dim)
+    if spec.indexer is not None:
+        c["indexer"] = init_compressor_state(spec.indexer.compressor, batch, max_len, dtype, fmt, 0, "index")
+    return c
 
-    from v4jax.attention.compressor import entry_segments
 
-    if s.compressor is None:
-        return kp.compressed_attention(q, kv, sink, None, ratio=1, window=s.window, segment_ids=segment_ids,
-                                       return_lse=True)
-    ratio = s.compressor.ratio
-    cseg = None if segment_ids is None else entry_segments(segment_ids, ratio)[:, :comp.shape[1]]
+def window_step(ring, kv: jnp.ndarray, start: jnp.ndarray, window: int, n_valid: jnp.ndarray):
+    """The window ring's update rule: keys for a chunk ``[ring | chunk]`` with their sliding-window
+    mask, and the new ring.
 
-    def dense(_=None):
-        return kp.compressed_attention(q, kv, sink, comp, ratio=ratio, window=s.window, segment_ids=segment_ids,
-                                       comp_segment_ids=cseg, return_lse=True)
+    ring ``[B, W, c]`` (positions < start), kv ``[B, T, c]`` at positions ``start[b] + t``;
+    only the first ``n_valid[b]`` chunk tokens are real (right padding). Returns keys
+    ``[B, W+T, c]``, mask ``[B, T, W+T]`` and the updated ring."""
+    T = kv.shape[1]
 
-    def sparse(_=None):
-        return kp.sparse_attention(q, kv, sink, comp, topk, window=s.window, segment_ids=segment_ids,
-                                   return_lse=True)
+    def one(ring, kv, start, n_valid):
+        slot = jnp.arange(window)
+        ring_pos = start - 1 - jnp.mod(start - 1 - slot, window)
+        q_pos = start + jnp.arange(T)
+        k_pos = jnp.concatenate([ring_pos, q_pos])
+        k_ok = jnp.concatenate([ring_pos >= 0, jnp.ones((T,), bool)])
+        d = q_pos[:, None] - k_pos[None, :]
+        mask = k_ok[None] & (d >= 0) & (d < window)
+        t = jnp.arange(T)
+        keep = (t < n_valid) & (q_pos >= start + n_valid - window)  # the last W real tokens
+        new_ring = kv_format.store(ring, jnp.where(keep, jnp.mod(q_pos, window), window), kv)
+        keys = jnp.concatenate([kv_format.load(ring).astype(kv.dtype), kv], axis=0)
+        return keys, mask, new_ring
 
-    if s.indexer is None:
-        return dense()
-    if dense_attention is not None:
-        return jax.lax.cond(dense_attention, dense, sparse, None)
-    return dense() if s.dense_compressed else sparse()
+    return jax.vmap(one)(ring, kv, start, n_valid)

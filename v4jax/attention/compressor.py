@@ -14,10 +14,13 @@ previous block), so no entry mixes documents, and queries only see entries of th
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from v4jax.attention import kv_format
 from v4jax.config import CompressorSpec, RopeSpec
 from v4jax.layers.linear import Linear, param_with_axes
 from v4jax.layers.norms import RMSNorm
@@ -69,51 +72,117 @@ def add_position_bias(gate: jnp.ndarray, ape: jnp.ndarray, start=0) -> jnp.ndarr
 
 class Compressor(nn.Module):
     """Parameters (official names): ``wkv``, ``wgate`` ``[d, (1+o)c]``, ``ape`` ``[ratio, (1+o)c]``,
-    ``norm`` ``[c]``. Input ``x [B, T, d]``; output entries ``[B, T // ratio, c]`` (fp32) with RoPE."""
+    ``norm`` ``[c]``.
+
+    ``__call__(x, segment_ids=None)``: whole sequence ``x [B, T, d]`` -> entries ``[B, T // ratio, c]``
+    (fp32, normed, RoPE at each entry's first position).
+    ``extend(x, state, start, n_valid)``: a chunk at positions ``start[b] + t`` against a cached
+    state (``init_state``) -> (every cached entry ``[B, max_len // ratio, c]``, new state)."""
 
     spec: CompressorSpec
     rope: RopeSpec
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.nowrap
+    def setup(self):
+        s = self.spec
+        width = (2 if s.overlap else 1) * s.out_dim
+        self.wkv = Linear(width, ("embed", "kv"), jnp.float32, self.param_dtype)
+        self.wgate = Linear(width, ("embed", "kv"), jnp.float32, self.param_dtype)
+        self.ape = param_with_axes(self, "ape", nn.initializers.zeros, (s.ratio, width), (None, "kv"))
+        self.norm = RMSNorm(s.out_dim, s.norm_eps)
+
     def project(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Per-token (kv, gate-logits) in fp32: ``[B, T, (1+o)c]`` each (gate without ``ape``)."""
-        s = self.spec
-        width = (2 if s.overlap else 1) * s.out_dim
         xf = x.astype(jnp.float32)
-        kv = Linear(width, ("embed", "kv"), jnp.float32, self.param_dtype, name="wkv")(xf)
-        gate = Linear(width, ("embed", "kv"), jnp.float32, self.param_dtype, name="wgate")(xf)
-        return kv, gate
+        return self.wkv(xf), self.wgate(xf)
 
-    @nn.nowrap
-    def ape(self) -> jnp.ndarray:
-        s = self.spec
-        width = (2 if s.overlap else 1) * s.out_dim
-        return param_with_axes(self, "ape", nn.initializers.zeros, (s.ratio, width), (None, "kv"))
-
-    @nn.nowrap
     def finish(self, pooled: jnp.ndarray, entry_positions: jnp.ndarray) -> jnp.ndarray:
         """Norm then RoPE at each entry's first-token position."""
-        c = RMSNorm(self.spec.out_dim, self.spec.norm_eps, name="norm")(pooled)
-        return apply_rope(c, entry_positions, self.rope)
+        return apply_rope(self.norm(pooled), entry_positions, self.rope)
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, state: dict | None = None, start: jnp.ndarray | None = None,
-                 n_valid: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None):
-        """Whole sequence: entries ``[B, T // ratio, c]`` (``segment_ids [B, T]``: packed documents,
-        see the module docstring). With ``state`` (a cache, see ``v4jax.inference.cache``) and the
-        chunk's first position ``start``: (all entries, new state)."""
+    def __call__(self, x: jnp.ndarray, segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
         s = self.spec
         kv, gate = self.project(x)
-        if state is not None:
-            from v4jax.inference.cache import compressor_step
-
-            gate = add_position_bias(gate, self.ape(), start)
-            return compressor_step(kv, gate, state, start, s.ratio, s.overlap, self.finish, n_valid)
-        gate = add_position_bias(gate, self.ape())
+        gate = add_position_bias(gate, self.ape)
         pooled = pool_blocks(kv, gate, s.ratio, s.overlap, segment_ids)
-        n = pooled.shape[1]
-        return self.finish(pooled, jnp.arange(n) * s.ratio)
+        return self.finish(pooled, jnp.arange(pooled.shape[1]) * s.ratio)
+
+    def extend(self, x: jnp.ndarray, state: dict, start: jnp.ndarray, n_valid: jnp.ndarray):
+        s = self.spec
+        kv, gate = self.project(x)
+        gate = add_position_bias(gate, self.ape, start)
+        return compressor_step(kv, gate, state, start, s.ratio, s.overlap, self.finish, n_valid)
+
+
+def init_compressor_state(spec: CompressorSpec, batch: int, max_len: int, dtype, fmt: str = "native",
+                          rope_dim: int = 0, kind: str = "main") -> dict:
+    """The cached state of one compressor (spec 3.8), ``w = (1 + overlap) * c``:
+    ``kv``, ``gate [B, r, w]`` (fp32; projections and ``gate + ape`` of the block being filled,
+    row ``p % r``), ``entries [B, max_len // r, c]`` (stored as ``fmt``, see ``kv_format``); with
+    overlap also ``prev_kv``, ``prev_gate [B, r, w]``: the last complete block's projections, whose
+    first halves feed the next entry (``prev_gate`` starts at -inf: entry 0 has no previous block)."""
+    r, w = spec.ratio, (2 if spec.overlap else 1) * spec.out_dim
+    st = {"kv": jnp.zeros((batch, r, w), jnp.float32),
+          "gate": jnp.zeros((batch, r, w), jnp.float32),
+          "entries": kv_format.empty((batch, max_len // r, spec.out_dim), dtype, fmt, rope_dim, kind)}
+    if spec.overlap:
+        st["prev_kv"] = jnp.zeros((batch, r, w), jnp.float32)
+        st["prev_gate"] = jnp.full((batch, r, w), -jnp.inf, jnp.float32)
+    return st
+
+
+def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.ndarray, ratio: int,
+                    overlap: bool, finish: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray],
+                    n_valid: jnp.ndarray):
+    """The cache update rule: feed a chunk's projections into a compressor state; emit every block
+    it completes.
+
+    kv, gate ``[B, T, w]`` fp32 (gate already includes ``ape``); ``start``, ``n_valid`` ``[B]``
+    (only the first ``n_valid[b]`` chunk tokens are real). ``finish(pooled, positions)`` applies
+    the norm and RoPE (batched). Returns (all entries ``[B, N, c]``, new state)."""
+    B, T, w = kv.shape
+    r = ratio
+    L = r + T
+    nb = L // r
+
+    def pool(kv, gate, st, start, n_valid):
+        off = jnp.mod(start, r)
+        j = jnp.arange(L)
+        from_state = (j < off)[:, None]
+        rows, cols = jnp.clip(j, 0, r - 1), jnp.clip(j - off, 0, T - 1)
+        comb_kv = jnp.where(from_state, st["kv"][rows], kv[cols])
+        comb_g = jnp.where(from_state, st["gate"][rows], gate[cols])
+        blk_kv = comb_kv[: nb * r].reshape(nb, r, w)
+        blk_g = comb_g[: nb * r].reshape(nb, r, w)
+        if overlap:
+            c = w // 2
+            prev_kv = jnp.concatenate([st["prev_kv"][None], blk_kv[:-1]], axis=0)
+            prev_g = jnp.concatenate([st["prev_gate"][None], blk_g[:-1]], axis=0)
+            slot_kv = jnp.concatenate([prev_kv[..., :c], blk_kv[..., c:]], axis=1)
+            slot_g = jnp.concatenate([prev_g[..., :c], blk_g[..., c:]], axis=1)
+        else:
+            slot_kv, slot_g = blk_kv, blk_g
+        pooled = jnp.sum(jax.nn.softmax(slot_g, axis=1) * slot_kv, axis=1)
+        e_idx = (start - off) // r + jnp.arange(nb)
+        done = (jnp.arange(nb) + 1) * r <= off + n_valid
+        n_done = (off + n_valid) // r
+        new = {}
+        comb_kv, comb_g = jnp.pad(comb_kv, ((0, r), (0, 0))), jnp.pad(comb_g, ((0, r), (0, 0)))
+        new["kv"] = jax.lax.dynamic_slice_in_dim(comb_kv, n_done * r, r, axis=0)
+        new["gate"] = jax.lax.dynamic_slice_in_dim(comb_g, n_done * r, r, axis=0)
+        if overlap:
+            last, has = jnp.maximum(n_done - 1, 0) * r, n_done >= 1
+            new["prev_kv"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_kv, last, r, axis=0), st["prev_kv"])
+            new["prev_gate"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_g, last, r, axis=0), st["prev_gate"])
+        return pooled, e_idx, done, new
+
+    small = {k: v for k, v in state.items() if k != "entries"}
+    pooled, e_idx, done, new = jax.vmap(pool)(kv, gate, small, start, n_valid)
+    entries_new = finish(pooled, e_idx * r)
+    n_max = jax.tree.leaves(state["entries"])[0].shape[1]
+    dest = jnp.where(done, e_idx, n_max)
+    new["entries"] = jax.vmap(kv_format.store)(state["entries"], dest, entries_new)
+    return kv_format.load(new["entries"]), new
 
 
 def visible_entries(positions: jnp.ndarray, n_entries: int, ratio: int,

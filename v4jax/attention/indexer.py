@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from v4jax.attention.compressor import Compressor, visible_entries
+from v4jax.attention.compressor import Compressor
 from v4jax.config import IndexerSpec, RopeSpec
 from v4jax.layers.linear import Linear
 from v4jax.layers.rope import apply_rope
@@ -37,60 +37,43 @@ def select_topk(scores: jnp.ndarray, visible: jnp.ndarray, k: int) -> jnp.ndarra
 
 
 class Indexer(nn.Module):
-    """Parameters: ``wq_b [d_c, n_I*c_I]``, ``weights_proj [d, n_I]``, ``compressor.*``."""
+    """Parameters: ``wq_b [d_c, n_I*c_I]``, ``weights_proj [d, n_I]``, ``compressor.*``.
+
+    Both entry points return the indexer's features; which entries are selected (and how: the
+    oracle's full score matrix, the chunked running top-k, a Pallas kernel) is the attention
+    implementation's business (``v4jax.attention.backend``).
+
+    ``__call__(x, qr, segment_ids=None)``: whole sequence, x ``[B, T, d]``, qr ``[B, T, d_c]``
+    -> (q ``[B, T, n_I, c_I]``, keys ``[B, T // 4, c_I]``, head weights ``[B, T, n_I]`` fp32,
+    already scaled by ``c_I^-1/2 n_I^-1/2``).
+    ``extend(x, qr, state, start, n_valid)``: a chunk against the cached key compressor
+    -> (q, every cached key ``[B, max_len // 4, c_I]``, weights, new state)."""
 
     spec: IndexerSpec
     rope: RopeSpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    impl: str = "reference"   # "pallas": kernels_pallas.indexer_scores / indexer_topk (whole sequence)
 
-    @nn.nowrap
+    def setup(self):
+        s = self.spec
+        self.wq_b = Linear(s.n_heads * s.head_dim, ("q_lora", "index_heads"), self.dtype, self.param_dtype)
+        self.weights_proj = Linear(s.n_heads, ("embed", None), jnp.float32, self.param_dtype)
+        self.compressor = Compressor(s.compressor, self.rope, self.param_dtype)
+
     def queries(self, x: jnp.ndarray, qr: jnp.ndarray, positions: jnp.ndarray):
         s = self.spec
         B, T, _ = x.shape
-        q = Linear(s.n_heads * s.head_dim, ("q_lora", "index_heads"), self.dtype, self.param_dtype,
-                   name="wq_b")(qr).reshape(B, T, s.n_heads, s.head_dim)
+        q = self.wq_b(qr).reshape(B, T, s.n_heads, s.head_dim)
         q = apply_rope(q, positions, self.rope)
-        w = Linear(s.n_heads, ("embed", None), jnp.float32, self.param_dtype, name="weights_proj")(
-            x.astype(jnp.float32))
-        w = w * (s.head_dim ** -0.5 * s.n_heads ** -0.5)
+        w = self.weights_proj(x.astype(jnp.float32)) * (s.head_dim ** -0.5 * s.n_heads ** -0.5)
         return q, w
 
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, qr: jnp.ndarray, return_scores: bool = False,
-                 state: dict | None = None, start: jnp.ndarray | None = None, n_valid=None,
-                 segment_ids: jnp.ndarray | None = None):
-        """x ``[B, T, d]``, qr ``[B, T, d_c]`` -> top-k indices ``[B, T, k']`` (and the scores,
-        ``-inf`` where not visible). With a cache ``state`` and chunk start ``start``, also returns
-        the new state (last). ``segment_ids [B, T]``: packed documents (no cache)."""
-        s = self.spec
-        T = x.shape[1]
-        comp = Compressor(s.compressor, self.rope, self.param_dtype, name="compressor")
-        if state is None:
-            positions = jnp.arange(T)
-            keys = comp(x, segment_ids=segment_ids)
-        else:
-            positions = start[:, None] + jnp.arange(T)
-            keys, state = comp(x, state, start, n_valid)
-        q, w = self.queries(x, qr, positions)
-        if self.impl == "pallas" and state is None:
-            import kernels_pallas as kp
+    def __call__(self, x: jnp.ndarray, qr: jnp.ndarray, segment_ids: jnp.ndarray | None = None):
+        keys = self.compressor(x, segment_ids=segment_ids)
+        q, w = self.queries(x, qr, jnp.arange(x.shape[1]))
+        return q, keys, w
 
-            from v4jax.attention.compressor import entry_segments
-
-            kseg = None if segment_ids is None else entry_segments(segment_ids, s.compressor.ratio)[:, :keys.shape[1]]
-            scores = kp.indexer_scores(q, keys, w, ratio=s.compressor.ratio, segment_ids=segment_ids,
-                                       key_segment_ids=kseg)
-            idx = kp.indexer_topk(scores, s.topk)
-            return (idx, scores) if return_scores else idx
-        scores = indexer_scores(q, keys, w)
-        visible = visible_entries(positions, keys.shape[1], s.compressor.ratio,
-                                  segment_ids if state is None else None)
-        if visible.ndim == 2:
-            visible = visible[None]
-        idx = select_topk(scores, visible, s.topk)
-        out = (idx, jnp.where(visible, scores, -jnp.inf)) if return_scores else (idx,)
-        if state is not None:
-            out = out + (state,)
-        return out if len(out) > 1 else idx
+    def extend(self, x: jnp.ndarray, qr: jnp.ndarray, state: dict, start: jnp.ndarray, n_valid: jnp.ndarray):
+        keys, state = self.compressor.extend(x, state, start, n_valid)
+        q, w = self.queries(x, qr, start[:, None] + jnp.arange(x.shape[1]))
+        return q, keys, w, state

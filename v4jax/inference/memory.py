@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.config import V4Config
-from v4jax.inference.cache import init_cache
+from v4jax.model.transformer import init_cache
 
 V32_MLA_BYTES_PER_LAYER = 656 + 132   # MLA latent + indexer key per token per layer (spec 3.8)
 V32_LAYERS = 61

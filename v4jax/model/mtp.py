@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from v4jax.attention.context import SeqContext
 from v4jax.hyper_connection import HCHead
 from v4jax.layers.linear import Linear
 from v4jax.layers.norms import RMSNorm
@@ -37,5 +38,5 @@ class MTPBlock(Block):
         ``segment_ids [B, T]``: the packed documents of the main positions."""
         e = self.e_proj(self.enorm(next_emb))
         x = e[:, :, None, :] + self.h_proj(self.hnorm(streams))
-        x, stats = Block.__call__(self, x.astype(streams.dtype), next_ids, segment_ids=segment_ids)
+        x, stats, _ = Block.__call__(self, x.astype(streams.dtype), next_ids, SeqContext(segment_ids=segment_ids))
         return self.norm(self.hc_head(x)), stats

@@ -62,11 +62,13 @@ class SharedExpert(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked routed experts ``w1, w3 [E, d, I]``, ``w2 [E, I, d]``; each expert is its own matrix."""
+    """Stacked routed experts ``w1, w3 [E, d, I]``, ``w2 [E, I, d]``; each expert is its own matrix.
+    ``impl`` (``Runtime.moe``): "ragged" (sort + ``ragged_dot``) or "dense" (every expert, exact)."""
 
     spec: MoESpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "ragged"
 
     @nn.compact
     def __call__(self, x, idx, weights):
@@ -75,18 +77,19 @@ class Experts(nn.Module):
         w1 = param_with_axes(self, "w1", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
         w3 = param_with_axes(self, "w3", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
         w2 = param_with_axes(self, "w2", default_init, (E, I, d), ("experts", "mlp", "embed"), self.param_dtype)
-        if s.impl == "dense":   # the oracle: same values, E/K x the FLOPs, but plain matmuls (faster on CPU)
+        if self.impl == "dense":   # the oracle: same values, E/K x the FLOPs, but plain matmuls (faster on CPU)
             return experts_dense(x, idx, weights, w1.astype(self.dtype), w2.astype(self.dtype),
                                  w3.astype(self.dtype), s.swiglu_limit).astype(self.dtype)
         return experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
 
 
 class MoE(nn.Module):
-    """x ``[B, T, d]``, token_ids ``[B, T]`` -> (y ``[B, T, d]``, stats dict)."""
+    """x ``[B, T, d]``, token_ids ``[B, T]`` -> (y ``[B, T, d]``, stats ``{"balance", "load"}``)."""
 
     spec: MoESpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    impl: str = "ragged"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray):
@@ -94,12 +97,11 @@ class MoE(nn.Module):
         B, T, d = x.shape
         scores, idx, weights = Gate(s, name="gate")(x, token_ids)
         E = s.n_experts
-        routed = Experts(s, self.dtype, self.param_dtype, name="experts")(
+        routed = Experts(s, self.dtype, self.param_dtype, self.impl, name="experts")(
             x.reshape(B * T, d), idx.reshape(B * T, -1), weights.reshape(B * T, -1)).reshape(B, T, d)
         y = routed
         if s.n_shared > 0:
             y = y + SharedExpert(s, self.dtype, self.param_dtype, name="shared_experts")(x).astype(jnp.float32)
         f, p, load = sequence_balance_stats(scores, idx, E)
-        stats = {"balance": jnp.mean(jnp.sum(f * p, axis=-1)), "load": load,
-                 "hash": jnp.asarray(s.hash_routed)}
+        stats = {"balance": jnp.mean(jnp.sum(f * p, axis=-1)), "load": load}
         return y.astype(self.dtype), stats

@@ -86,10 +86,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     if step is None:
         print(f"v4jax-eval: error: no checkpoint in {args.workdir!r}", file=sys.stderr)
         return 2
-    from v4jax.params import abstract_variables
+    from v4jax.checkpoint import restore_variables
 
-    variables = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_variables(cfg.model))))["state"]
+    variables = restore_variables(mngr, step, cfg.model)
     mngr.close()
     stage = cfg.stage(max(step - 1, 0))
     res = evaluate(cfg, variables["params"], variables.get("buffers", {}), stage, split=args.split,

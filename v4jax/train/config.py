@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from v4jax.config import ConfigError, V4Config, preset
+from v4jax.runtime import Runtime
 from v4jax.train.optimizer import OptimizerConfig
 
 STAGES = ("dense", "indexer_warmup", "sparse")
@@ -36,6 +37,7 @@ class TrainConfig:
     model: V4Config
     optim: OptimizerConfig
     name: str = "custom"
+    runtime: Runtime = Runtime()         # kernels and memory policy (not architecture)
     # data
     seq_len: int = 256
     batch_size: int = 8
@@ -96,6 +98,7 @@ class TrainConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["model"] = dataclasses.asdict(self.model)
         d["optim"] = dataclasses.asdict(self.optim)
+        d["runtime"] = self.runtime.to_dict()
         return json.loads(json.dumps(d))
 
     @classmethod
@@ -104,8 +107,17 @@ class TrainConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"TrainConfig has no field(s) {sorted(unknown)}")
-        d["model"] = _build(V4Config, d["model"])
+        model = dict(d["model"])
+        # configs written before the runtime options left V4Config carry them in "model"
+        legacy = {k: model.pop(k) for k in ("attention_impl", "moe_impl", "dense_compressed_attention") if k in model}
+        legacy.pop("dense_compressed_attention", None)   # a stage flag now (SeqContext), never a run setting
+        rt = {**legacy, **(d.get("runtime") or {})}
+        d["model"] = _build(V4Config, model)
         d["optim"] = _build(OptimizerConfig, d["optim"])
+        try:
+            d["runtime"] = Runtime.from_dict(rt)
+        except ValueError as e:
+            raise ConfigError(f"TrainConfig.runtime: {e}") from None
         return cls(**d)
 
     def to_json(self, path) -> None:
@@ -118,10 +130,10 @@ class TrainConfig:
             return cls.from_dict(json.load(f))
 
     def override(self, assignments: list[str]) -> "TrainConfig":
-        """Apply ``key=value`` strings; ``model.`` / ``optim.`` prefixes reach the nested configs.
+        """Apply ``key=value`` strings; ``model.`` / ``optim.`` / ``runtime.`` prefixes reach the nested configs.
         Values are parsed as JSON when possible (``1e-3``, ``true``, ``[...]``), else taken as text."""
         top: dict[str, Any] = {}
-        nested: dict[str, dict[str, Any]] = {"model": {}, "optim": {}}
+        nested: dict[str, dict[str, Any]] = {"model": {}, "optim": {}, "runtime": {}}
         for a in assignments:
             if "=" not in a:
                 raise ConfigError(f"--set expects key=value, got {a!r}")
@@ -134,7 +146,7 @@ class TrainConfig:
             part, _, sub = key.partition(".")
             if sub:
                 if part not in nested:
-                    raise ConfigError(f"--set {key}: unknown section {part!r} (use model. or optim.)")
+                    raise ConfigError(f"--set {key}: unknown section {part!r} (use model., optim. or runtime.)")
                 nested[part][sub] = val
             else:
                 top[key] = val
@@ -145,7 +157,7 @@ class TrainConfig:
                     raise ConfigError(f"--set {part}.{k}: {part} has no field {k!r}")
                 d[part][k] = v
         for k, v in top.items():
-            if k not in d or k in ("model", "optim"):
+            if k not in d or k in ("model", "optim", "runtime"):
                 raise ConfigError(f"--set {k}: TrainConfig has no field {k!r}")
             d[k] = v
         return TrainConfig.from_dict(d)
@@ -179,7 +191,7 @@ def _tiny() -> TrainConfig:
     experts). Scale ``batch_size``/``total_steps`` up on an accelerator (spec 11: 8-16 x 256)."""
     total = 110
     return TrainConfig(
-        name="tiny", model=preset("tiny", moe_impl="dense"), seq_len=256, batch_size=4, total_steps=total,
+        name="tiny", model=preset("tiny"), runtime=Runtime(moe="dense"), seq_len=256, batch_size=4, total_steps=total,
         optim=OptimizerConfig(peak_lr=3e-3, final_lr=3e-4, warmup_steps=10, decay_start=80, total_steps=total),
         dense_attention_steps=20, indexer_warmup_steps=10,
         log_every=5, eval_every=20, eval_batches=8, checkpoint_every=50)

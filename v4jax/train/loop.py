@@ -69,8 +69,14 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: dict, cfg: TrainConfig, 
 
 def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, cfg: TrainConfig, tx):
     """-> (state, data-iterator state) of checkpoint ``step``."""
+    from v4jax.checkpoint import CheckpointLayoutError, step_layout
     from v4jax.params import abstract_variables
 
+    if step_layout(mngr, step) == "per_layer":
+        raise CheckpointLayoutError(
+            f"checkpoint step {step} in {mngr.directory} was written before the scanned layer stack (per-layer "
+            f"parameters) and its optimizer state cannot be resumed by this version. Its weights still load: "
+            f"v4jax.checkpoint.load_workdir(workdir) gives a V4Model; start a new run from model.variables.")
     abstract_vars = abstract_variables(cfg.model)
     abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
     abstract_train = {"opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32),

@@ -38,16 +38,26 @@ def balance_loss(moe_stats: list[dict], hash_routed: list[bool]) -> jnp.ndarray:
     return jnp.sum(jnp.stack(terms)) if terms else jnp.zeros((), jnp.float32)
 
 
-def indexer_loss(moe_stats: list[dict]) -> jnp.ndarray:
-    """Mean per-query indexer KL, summed over the CSA layers that reported one."""
-    terms = [st["indexer_kl"] / jnp.maximum(st["indexer_count"], 1.0) for st in moe_stats if "indexer_kl" in st]
+def indexer_loss(indexer_stats: list, layer_types) -> jnp.ndarray:
+    """Mean per-query indexer KL (``IndexerStats.kl / count`` of each layer), summed over the CSA
+    layers (``layer_types[i] == "csa"``)."""
+    terms = [st.kl / jnp.maximum(st.count, 1.0) for st, t in zip(indexer_stats, layer_types, strict=True)
+             if t == "csa"]
     return jnp.sum(jnp.stack(terms)) if terms else jnp.zeros((), jnp.float32)
 
 
-def updated_router_biases(buffers: dict, moe_stats: list[dict], mtp_stats: dict | None, speed: float) -> dict:
+def updated_router_biases(buffers: dict, moe_stats: list[dict], mtp_stats: dict | None, speed: float,
+                          cfg=None) -> dict:
     """Aux-loss-free balancing (techniques 5.1), outside the gradient:
     ``b_e <- b_e + speed * sign(mean(load) - load_e)`` for every learned-routing layer, with the
-    loads of the whole batch. Returns new buffers (hash tables untouched)."""
+    loads of the whole batch. Returns new buffers (hash tables untouched). ``buffers`` in the
+    model's stacked layout need ``cfg`` (``V4Config``) to find each layer."""
+    from v4jax.model.layout import is_stacked, stack_layers, unstack_layers
+
+    if is_stacked(buffers):
+        if cfg is None:
+            raise ValueError("updated_router_biases: stacked buffers need cfg to locate each layer")
+        return stack_layers(cfg, updated_router_biases(unstack_layers(cfg, buffers), moe_stats, mtp_stats, speed))
     new = jax.tree.map(lambda x: x, buffers)
 
     def bump(scope: dict, st: dict):

@@ -226,7 +226,10 @@ class Rule(NamedTuple):
     view: str | None  # Muon only: "matrix" (2-D), "stacked" ([B, n, m]: B independent), "fused" (compressor)
 
 
-_B = r"(?:layers|mtp)_\d+/"  # a block: main layer or MTP block
+# a block: a layer of a scanned stack (leading [repeats] axis, v4jax.model.layout), a per-layer
+# tree (checkpoint layout) or the MTP block
+_B = r"(?:stack_\d+/layer_\d+|layers_\d+|mtp_\d+)/"
+_STACKED = re.compile(r"stack_\d+/layer_\d+/")
 _M = r"(?:mtp_\d+/)?"        # top level or inside an MTP block
 
 PARAM_RULES: tuple[Rule, ...] = (
@@ -282,6 +285,8 @@ def matrix_views(params) -> dict[str, MatrixView]:
 
     A compressor's ``wkv``/``wgate`` ``[d, (1+overlap) c]`` is split into ``1+overlap`` column blocks,
     ``c`` read from its sibling ``norm/scale [c]`` (CSA and the indexer's compressor: 2 blocks; HCA: 1).
+    A scanned stack's leaves (``stack_k/layer_j/...``) carry a leading layer axis: one more batch
+    axis, so each layer's matrix is still orthogonalised on its own.
     """
     flat = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     views = {}
@@ -289,10 +294,11 @@ def matrix_views(params) -> dict[str, MatrixView]:
         rule = param_rule(path)
         if rule.label != MUON:
             continue
+        lead = 1 if _STACKED.match(path) else 0
         if rule.view == "matrix":
-            view = MatrixView()
+            view = MatrixView(batch=lead)
         elif rule.view == "stacked":
-            view = MatrixView(batch=1)
+            view = MatrixView(batch=1 + lead)
         else:  # "fused"
             norm_path = path.rsplit("/", 2)[0] + "/norm/scale"
             if norm_path not in flat:
@@ -300,7 +306,7 @@ def matrix_views(params) -> dict[str, MatrixView]:
             c = flat[norm_path].shape[-1]
             if leaf.shape[-1] % c or leaf.shape[-1] // c not in (1, 2):
                 raise UnknownParameterError(f"{path}: width {leaf.shape[-1]} is not c or 2c for c = {c}")
-            view = MatrixView(col_blocks=leaf.shape[-1] // c)
+            view = MatrixView(batch=lead, col_blocks=leaf.shape[-1] // c)
         view.check(leaf.shape, path)
         views[path] = view
     return views

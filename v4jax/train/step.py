@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from v4jax.attention.context import SeqContext
 from v4jax.model.transformer import Transformer
 from v4jax.train.config import STAGES, TrainConfig
 from v4jax.train.losses import (balance_loss, indexer_loss, masked_cross_entropy, target_masks,
@@ -74,14 +75,13 @@ def _forward_losses(cfg: TrainConfig, stage, params, buffers, batch, step):
     is always computed (indexer inputs detached) and weighted by stage."""
     sid = _as_id(stage)
     mc = cfg.model
-    model = Transformer(mc)
+    model = Transformer(mc, cfg.runtime)
     tokens, seg = batch["tokens"], batch["segment_ids"]
     ids, targets = tokens[:, :-1], tokens[:, 1:]
     with_mtp = mc.n_mtp_layers > 0
     has_csa = "csa" in mc.layer_types
-    out = model.apply({"params": params, "buffers": buffers}, ids, with_mtp=with_mtp,
-                      segment_ids=seg[:, :-1], next_ids=targets, indexer_loss=has_csa,
-                      dense_attention=sid < 2)
+    ctx = SeqContext(segment_ids=seg[:, :-1], dense_attention=sid < 2, indexer_loss=has_csa)
+    out = model.apply({"params": params, "buffers": buffers}, ids, ctx, with_mtp=with_mtp, next_ids=targets)
     main_mask, mtp_mask = target_masks(seg)
     ce_sum, n_tok = masked_cross_entropy(out["logits"], targets, main_mask)
     lm = ce_sum / jnp.maximum(n_tok, 1.0)
@@ -101,7 +101,7 @@ def _forward_losses(cfg: TrainConfig, stage, params, buffers, batch, step):
     model_loss = model_loss + cfg.balance_weight * bal
     aux["balance"] = bal
     if has_csa:
-        kl = cfg.indexer_loss_weight * indexer_loss(stats)
+        kl = cfg.indexer_loss_weight * indexer_loss(out["indexer"], mc.layer_types)
         aux["indexer_kl"] = kl
         total = jnp.where(sid == 1, kl, model_loss + jnp.where(sid == 2, kl, 0.0))
     else:
@@ -132,7 +132,7 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
         opt_state = _mask_by_path(opt_state, state["opt_state"], sid)
         buffers = state["buffers"]
         if cfg.bias_update_speed > 0:
-            moved = updated_router_biases(buffers, stats, mtp_stats, cfg.bias_update_speed)
+            moved = updated_router_biases(buffers, stats, mtp_stats, cfg.bias_update_speed, cfg.model)
             buffers = jax.tree.map(lambda n, o: jnp.where(sid != 1, n, o), moved, buffers)
         pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = {"step": step + 1, "params": pick(params, state["params"]),
@@ -156,12 +156,12 @@ def make_eval_step(cfg: TrainConfig, jit: bool = True):
     stage (traced) picks the attention: dense CSA before the sparse stage."""
 
     def eval_step(params, buffers, batch, sid):
-        model = Transformer(cfg.model)
+        model = Transformer(cfg.model, cfg.runtime)
         tokens, seg = batch["tokens"], batch["segment_ids"]
         ids, targets = tokens[:, :-1], tokens[:, 1:]
         with_mtp = cfg.model.n_mtp_layers > 0
-        out = model.apply({"params": params, "buffers": buffers}, ids, with_mtp=with_mtp,
-                          segment_ids=seg[:, :-1], next_ids=targets, dense_attention=_as_id(sid) < 2)
+        ctx = SeqContext(segment_ids=seg[:, :-1], dense_attention=_as_id(sid) < 2)
+        out = model.apply({"params": params, "buffers": buffers}, ids, ctx, with_mtp=with_mtp, next_ids=targets)
         main_mask, mtp_mask = target_masks(seg)
         lm_sum, n = masked_cross_entropy(out["logits"], targets, main_mask)
         res = {"lm_sum": lm_sum, "tokens": n}

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import V4Config
+from v4jax.model.layout import stack_variables
 from v4jax.weights import naming, quant
 from v4jax.weights.safetensors_io import SafetensorsFile, TensorInfo
 
@@ -71,14 +72,15 @@ def load_variables(path, cfg: V4Config | None = None, dtype=None, *, require_mtp
 
 @functools.lru_cache(maxsize=8)
 def _expected_tree(cfg: V4Config) -> tuple:
+    from v4jax.model.layout import unstack_variables
     from v4jax.params import abstract_variables
 
-    return tuple(tu.flatten_dict(abstract_variables(cfg), sep="/").items())
+    return tuple(tu.flatten_dict(unstack_variables(cfg, abstract_variables(cfg)), sep="/").items())
 
 
 def expected_tree(cfg: V4Config) -> dict[str, object]:
-    """Flat ``{"params/layers_0/attn/wq_a/kernel": ShapeDtypeStruct}`` of ``Transformer(cfg)``
-    (``jax.eval_shape`` of its init; cached per config)."""
+    """Flat ``{"params/layers_0/attn/wq_a/kernel": ShapeDtypeStruct}`` of ``Transformer(cfg)`` in
+    the per-layer (checkpoint) layout (``jax.eval_shape`` of its init, unstacked; cached per config)."""
     return dict(_expected_tree(cfg))
 
 
@@ -271,7 +273,7 @@ def load_checkpoint(path, cfg: V4Config | None = None, dtype=None, *, require_mt
                 for p in plan.sources[name]:
                     _place(out, p, x, plan.expected[p.path], param_dt, plan.cfg.n_routed_experts, name)
                 del x
-        variables = tu.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+        variables = stack_variables(plan.cfg, tu.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()}))
         return LoadReport(variables, plan.cfg, plan.mtp_loaded, plan.ignored)
     finally:
         for r in readers.values():

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from v4jax.config import V4Config
+from v4jax.model.layout import unstack_variables
 from v4jax.weights import naming
 from v4jax.weights.load import CheckpointError, expected_tree
 from v4jax.weights.safetensors_io import PendingTensor, write_checkpoint
@@ -46,7 +47,7 @@ def save_official(variables: dict, cfg: V4Config, path, dtype: str = "float32",
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"save_official: dtype must be one of {sorted(_OUT_DTYPES)}, got {dtype!r}")
     out_dt = _OUT_DTYPES[dtype]
-    flat = tu.flatten_dict(nn.meta.unbox(dict(variables)), sep="/")
+    flat = tu.flatten_dict(unstack_variables(cfg, nn.meta.unbox(dict(variables))), sep="/")
     expected = expected_tree(cfg)
     extra, absent = sorted(set(flat) - set(expected)), sorted(set(expected) - set(flat))
     if extra or absent:
