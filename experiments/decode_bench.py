@@ -196,8 +196,8 @@ def main() -> None:
     t = time.perf_counter()
     model = v4jax.V4Model.init(cfg, seed=args.seed)
     jax.block_until_ready(model.variables)
-    print(f"model: {model}, max_seq_len {cfg.max_seq_len}, dtype {cfg.dtype}, attention_impl "
-          f"{cfg.attention_impl}; init {time.perf_counter() - t:.1f}s")
+    print(f"model: {model}, max_seq_len {cfg.max_seq_len}, dtype {cfg.dtype}, runtime "
+          f"{model.runtime}; init {time.perf_counter() - t:.1f}s")
     print(f"batch {B}, new tokens {N} per context (1 warm-up + {N - 1} timed steps), greedy\n")
 
     workdir = tempfile.mkdtemp(prefix="decode_bench_")

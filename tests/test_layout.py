@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -95,20 +96,21 @@ def test_scanned_model_equals_per_layer_loop():
     np.testing.assert_allclose(np.asarray(x), np.asarray(out["hidden"]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_matmuls"])
-def test_remat_policies_leave_values_and_grads_unchanged(policy):
+@functools.lru_cache(maxsize=None)
+def _remat_grads(policy: str):
     from v4jax.model.transformer import Transformer
 
     cfg = small_config(n_mtp_layers=0)
     v = random_variables(cfg, seed=6)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 24)), jnp.int32)
+    m = Transformer(cfg, Runtime(remat=policy))
+    f = lambda p: jnp.sum(m.apply({"params": p, "buffers": v["buffers"]}, ids)["logits"] ** 2) * 1e-3
+    return jax.device_get(jax.jit(jax.value_and_grad(f))(v["params"]))
 
-    def grads(rt):
-        m = Transformer(cfg, rt)
-        f = lambda p: jnp.sum(m.apply({"params": p, "buffers": v["buffers"]}, ids)["logits"] ** 2) * 1e-3
-        return jax.jit(jax.value_and_grad(f))(v["params"])
 
-    (a, ga), (b, gb) = grads(Runtime()), grads(Runtime(remat=policy))
+@pytest.mark.parametrize("policy", ["full", "save_matmuls", "offload"])
+def test_remat_policies_leave_values_and_grads_unchanged(policy):
+    (a, ga), (b, gb) = _remat_grads("none"), _remat_grads(policy)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5 * float(jnp.abs(x).max()) + 1e-9)

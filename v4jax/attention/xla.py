@@ -11,8 +11,9 @@ array (not even a mask) ever exists. Everything runs in fp32 (inputs may be bf16
   ``[s-window+1, s+C)`` with ``lax.dynamic_slice`` of a front-padded kv: O(T * (C + window)).
 * Sparse CSA (spec 3.4, 3.5): each query's top-k entries are gathered from ``comp``: O(T * k).
 * HCA / dense-stage CSA (spec 3.3.6, 3.5): blockwise over the entries with an online softmax
-  (``lax.scan`` over blocks of ``comp_block`` entries; causally invisible blocks are computed and
-  masked, shapes are fixed): O(C * comp_block) per chunk.
+  (``lax.scan`` over blocks of ``comp_block`` entries; a block that no query of the chunk can see
+  yet is skipped with ``lax.cond``, so causal HCA does about half the dense work): O(C * comp_block)
+  memory per chunk.
 * ``attention_xla`` has an explicit flash-attention backward (``jax.custom_vjp``): the forward saves
   only (inputs, out, lse); the backward rematerialises each chunk's probabilities from ``lse`` and
   accumulates dq / dkv / dcomp / dsink chunk by chunk, so training memory is O(T * (C + window))
@@ -48,7 +49,13 @@ F32 = jnp.float32
 MIN_Q_CHUNK, MAX_Q_CHUNK = 32, 128
 DEFAULT_COMP_BLOCK = 256          # entries per online-softmax block (HCA / dense CSA, indexer KL)
 DEFAULT_INDEX_Q_CHUNK = 64        # queries per chunk of the indexer top-k and the indexer KL
-DEFAULT_KEY_BLOCK = 256           # indexer keys per running top-k merge (at least k)
+# Indexer keys per running top-k merge: as long as memory allows. ``lax.top_k`` dominates the CSA
+# layer on CPU and costs much less per element on long rows (k=512: 62 ns/element on rows of 1K,
+# 30 on 4K, 12 on 17K), so few long merges beat many short ones; the per-head scores of one merge,
+# ``[B, C, n_I, block]`` fp32, are kept under INDEX_SCORE_BUDGET elements.
+MAX_KEY_BLOCK = 16384
+INDEX_SCORE_BUDGET = 1 << 24
+INDEX_PHASES = 4                  # causal phases of the indexer top-k (each reads a static key prefix)
 
 
 def default_q_chunk(T: int, window: int = 0) -> int:
@@ -481,39 +488,54 @@ def indexer_topk_xla(q, keys, weights, k: int, *, ratio: int, segment_ids=None, 
         kseg = (_entry_segments(seg, ratio, N) if key_segment_ids is None else key_segment_ids).astype(jnp.int32)
     C = max(1, min(T, DEFAULT_INDEX_Q_CHUNK if q_chunk is None else int(q_chunk)))
     nC = -(-T // C)
-    Kb = max(1, min(N, max(DEFAULT_KEY_BLOCK, K) if key_block is None else int(key_block)))
-    nK = -(-N // Kb)
-    kblocks = _to_chunks(keys, Kb, nK)
-    ksblocks = _to_chunks(kseg, Kb, nK, -2) if seg is not None else jnp.zeros((nK,), jnp.int32)
+    if key_block is None:
+        key_block = max(K, min(MAX_KEY_BLOCK, INDEX_SCORE_BUDGET // max(1, B * C * nI)))
     qch, wch = _to_chunks(q, C, nC), _to_chunks(weights, C, nC)
     segch = _to_chunks(seg, C, nC, -1) if seg is not None else jnp.zeros((nC,), jnp.int32)
 
-    def chunk(_, xs):
-        j, qc, wc, segc = xs
-        nvis = (j * C + jnp.arange(C) + 1) // ratio
+    def phase(j0: int, j1: int):
+        """Query chunks [j0, j1) against the key prefix they can see (a static length): causal
+        queries see at most ``(t+1)//ratio`` entries, so later phases read longer prefixes."""
+        Np = max(1, min(N, (j1 * C) // ratio))
+        Kb = max(1, min(Np, int(key_block)))
+        nK = -(-Np // Kb)
+        kblocks = _to_chunks(keys[:, :Np], Kb, nK)
+        ksblocks = _to_chunks(kseg[:, :Np], Kb, nK, -2) if seg is not None else jnp.zeros((nK,), jnp.int32)
 
-        def merge(carry, xs):
-            vals, idx = carry
-            n, kb, ks = xs
-            ent = n * Kb + jnp.arange(Kb)
-            vis = ((ent[None, :] < nvis[:, None]) & (ent < N)[None, :])[None]
-            if seg is not None:
-                vis = vis & (segc[:, :, None] == ks[:, None, :])
-            sc = jnp.where(vis, _index_scores(qc, kb, wc), -jnp.inf)
-            cv = jnp.concatenate([vals, sc], axis=-1)
-            ci = jnp.concatenate([idx, jnp.broadcast_to(ent.astype(jnp.int32), sc.shape)], axis=-1)
-            v, pos = lax.top_k(cv, K)
-            return v, jnp.take_along_axis(ci, pos, axis=-1)
+        def chunk(_, xs):
+            j, qc, wc, segc = xs
+            nvis = (j * C + jnp.arange(C) + 1) // ratio
 
-        def block(carry, xs):   # blocks no query of the chunk can see are skipped (they add only -inf)
-            live = _block_live(ratio, j, C, xs[0], Kb)
-            return lax.cond(live, merge, lambda carry, _: carry, carry, xs), None
+            def merge(carry, xs):
+                vals, idx = carry
+                n, kb, ks = xs
+                ent = n * Kb + jnp.arange(Kb)
+                vis = ((ent[None, :] < nvis[:, None]) & (ent < Np)[None, :])[None]
+                if seg is not None:
+                    vis = vis & (segc[:, :, None] == ks[:, None, :])
+                sc = jnp.where(vis, _index_scores(qc, kb, wc), -jnp.inf)
+                cv = jnp.concatenate([vals, sc], axis=-1)
+                ci = jnp.concatenate([idx, jnp.broadcast_to(ent.astype(jnp.int32), sc.shape)], axis=-1)
+                v, pos = lax.top_k(cv, K)
+                return v, jnp.take_along_axis(ci, pos, axis=-1)
 
-        init = (jnp.full((B, C, K), -jnp.inf, F32), jnp.zeros((B, C, K), jnp.int32))
-        (v, i), _ = lax.scan(block, init, (jnp.arange(nK), kblocks, ksblocks))
-        return None, jnp.where(v == -jnp.inf, -1, i)
+            def block(carry, xs):   # blocks no query of the chunk can see are skipped (they add only -inf)
+                live = _block_live(ratio, j, C, xs[0], Kb)
+                return lax.cond(live, merge, lambda carry, _: carry, carry, xs), None
 
-    _, idx = lax.scan(chunk, None, (jnp.arange(nC), qch, wch, segch))
+            init = (jnp.full((B, C, K), -jnp.inf, F32), jnp.zeros((B, C, K), jnp.int32))
+            (v, i), _ = lax.scan(block, init, (jnp.arange(nK), kblocks, ksblocks))
+            return None, jnp.where(v == -jnp.inf, -1, i)
+
+        sl = lambda a: a[j0:j1]
+        _, idx = lax.scan(chunk, None, (jnp.arange(j0, j1), sl(qch), sl(wch), sl(segch)))
+        return idx
+
+    # equal phases of query chunks: the top-k and score work falls to about (P+1)/(2P) of a full
+    # [T, N] sweep (P = INDEX_PHASES), at P compiled scans
+    P = max(1, min(INDEX_PHASES, nC))
+    bounds = [round(nC * g / P) for g in range(P + 1)]
+    idx = jnp.concatenate([phase(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a], axis=0)
     return _from_chunks(idx, T)
 
 
