@@ -100,7 +100,7 @@ def test_scanned_model_equals_per_layer_loop():
 def _remat_grads(policy: str):
     from v4jax.model.transformer import Transformer
 
-    cfg = small_config(n_mtp_layers=0)
+    cfg = small_config(n_layers=3, layer_types=("window", "csa", "csa"), n_hash_layers=1, n_mtp_layers=0)
     v = random_variables(cfg, seed=6)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 24)), jnp.int32)
     m = Transformer(cfg, Runtime(remat=policy))
@@ -108,12 +108,13 @@ def _remat_grads(policy: str):
     return jax.device_get(jax.jit(jax.value_and_grad(f))(v["params"]))
 
 
-@pytest.mark.parametrize("policy", ["full", "save_matmuls", "offload"])
+@pytest.mark.parametrize("policy", ["full", "save_matmuls", pytest.param("offload", marks=pytest.mark.slow)])
 def test_remat_policies_leave_values_and_grads_unchanged(policy):
     (a, ga), (b, gb) = _remat_grads("none"), _remat_grads(policy)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5 * float(jnp.abs(x).max()) + 1e-9)
+        # recomputation reorders fp32 sums: within 5e-4 of each leaf's largest gradient
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=0, atol=5e-4 * float(jnp.abs(x).max()) + 1e-9)
 
 
 def test_runtime_options_are_not_architecture():

@@ -248,7 +248,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
     assert got["step"] == 8 and got["loss"] == pytest.approx(ev_a[-1]["loss"], abs=1e-6)
 
 
-@pytest.mark.parametrize("stage", ["indexer_warmup", "sparse"])
+@pytest.mark.parametrize("stage", [pytest.param("indexer_warmup", marks=pytest.mark.slow), "sparse"])
 def test_xla_attention_training_losses_and_grads_equal_the_oracle(setup, stage):
     """The default (sub-quadratic XLA) attention against the dense masked oracle in a training
     forward/backward with packed documents and padding, the indexer KL on: every loss part to

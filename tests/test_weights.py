@@ -107,7 +107,8 @@ def official(cfg, variables, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 
 def test_naming_table_covers_tree_both_ways(cfg):
-    tree = tu.flatten_dict(abstract_variables(cfg), sep="/")
+    from v4jax.model.layout import unstack_variables
+    tree = tu.flatten_dict(unstack_variables(cfg, abstract_variables(cfg)), sep="/")   # checkpoint layout
     entries = list(naming.official_entries(tree, cfg.n_layers, cfg.n_mtp_layers))
     assert {p.path for _, p in entries} == set(tree)
     for name, p in entries:
