@@ -181,6 +181,24 @@ def _block_live(ratio: int, j, C: int, n, Kb: int):
     return n * Kb < (j * C + C) // ratio
 
 
+def _merge_parts(parts, sink, shape):
+    """One softmax over several key sets plus the sink: ``parts`` are (scores ``[.., H, n]``,
+    values, einsum) triples. Returns the running (max ``m``, denominator ``l``, numerator ``acc``)
+    of the online softmax, ``shape = (B, C, H, c)``."""
+    B, C, H, c = shape
+    m = jnp.broadcast_to(sink, (B, C, H))
+    for sc, _, _ in parts:
+        m = jnp.maximum(m, jnp.max(sc, axis=-1))
+    m = _finite(m)
+    l = jnp.exp(sink - m)
+    acc = jnp.zeros((B, C, H, c), F32)
+    for sc, v, eq in parts:
+        pr = jnp.exp(sc - m[..., None])
+        l = l + jnp.sum(pr, axis=-1)
+        acc = acc + jnp.einsum(eq, pr, v)
+    return m, l, acc
+
+
 def _chunk_forward(p: _Plan, ctx: _Ctx, sink, j, qc, segc, topkc):
     """One query chunk: (out ``[B, C, H, c]``, lse ``[B, C, H]``)."""
     B, C, H, c = qc.shape
@@ -191,16 +209,7 @@ def _chunk_forward(p: _Plan, ctx: _Ctx, sink, j, qc, segc, topkc):
     if p.mode == "sparse":
         s, g, _, _ = _sparse_part(p, ctx, qc, topkc)
         parts.append((s, g, "bchk,bckd->bchd"))
-    m = jnp.broadcast_to(sink, (B, C, H))
-    for s, _, _ in parts:
-        m = jnp.maximum(m, jnp.max(s, axis=-1))
-    m = _finite(m)
-    l = jnp.exp(sink - m)
-    acc = jnp.zeros((B, C, H, c), F32)
-    for s, v, eq in parts:
-        pr = jnp.exp(s - m[..., None])
-        l = l + jnp.sum(pr, axis=-1)
-        acc = acc + jnp.einsum(eq, pr, v)
+    m, l, acc = _merge_parts(parts, sink, (B, C, H, c))
     if p.mode == "dense":
         def update(carry, xs):
             m, l, acc = carry
@@ -443,16 +452,7 @@ def attention_cached_xla(q, keys, key_mask, sink, *, comp=None, comp_mask=None, 
             parts.append((jnp.where(comp_mask[:, :, None, :], sc, -jnp.inf), cf, "bthn,bnd->bthd"))
         else:
             raise ValueError("attention_cached_xla: comp needs comp_mask (HCA) or topk (CSA)")
-    m = jnp.broadcast_to(sinkf, (B, T, H))
-    for sc, _, _ in parts:
-        m = jnp.maximum(m, jnp.max(sc, axis=-1))
-    m = _finite(m)
-    l = jnp.exp(sinkf - m)
-    acc = jnp.zeros((B, T, H, c), F32)
-    for sc, v, eq in parts:
-        pr = jnp.exp(sc - m[..., None])
-        l = l + jnp.sum(pr, axis=-1)
-        acc = acc + jnp.einsum(eq, pr, v)
+    m, l, acc = _merge_parts(parts, sinkf, (B, T, H, c))
     return acc / jnp.where(l > 0, l, 1.0)[..., None], m + jnp.log(l)
 
 
