@@ -1,15 +1,16 @@
 """Decode throughput of v4jax vs Hugging Face transformers on the SAME weights (tiny preset).
 
     .venv/bin/python experiments/decode_bench.py [--contexts 1024 8192] [--new-tokens 32] \
-        [--torch-python /work/fxvenv/bin/python] [--batch 1]
+        [--torch-python /work/hfvenv/bin/python] [--batch 1]
 
 1. Random ``tiny`` weights: ``v4jax.V4Model.init(preset("tiny", max_seq_len=max(C) + N), seed=0)``,
    written with ``model.save(tmpdir)`` (official naming + a config.json transformers reads).
 2. For each context C, prompt = random ids ``[B, C]`` (the same array for both sides):
    * v4jax: ``model.prefill(prompt, max_len=C + N)`` is called twice; the second call is the
      prefill time, (first - second) is its compile time. Then greedy decode with
-     ``model.extend(tok[:, None], cache)``: step 1 is a warm-up (compiles the [B, 1] shape),
-     steps 2..N are timed (each step = extend + argmax + copy of the token to the host).
+     ``model.decode_step(tok, cache)``: step 1 is a warm-up (compiles the [B, 1] shape),
+     steps 2..N are timed (each step = ``model.decode_step(tok, cache)``: the one-token cached
+     path with the argmax fused and the cache donated, + copy of the token to the host).
    * transformers: ``experiments/_hf_decode_worker.py`` under ``--torch-python`` (a separate
      process, JSON on stdout): ``DeepseekV4ForCausalLM.from_pretrained(dir, dtype=float32)``,
      one ``use_cache=True`` forward over the prompt (prefill), then N single-token steps on
@@ -41,19 +42,24 @@ import v4jax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_hf_decode_worker.py")
+# the torch + transformers interpreter of this machine, if present (else the old default)
+DEFAULT_TORCH_PYTHON = ("/work/hfvenv/bin/python" if os.path.exists("/work/hfvenv/bin/python")
+                        else "/work/fxvenv/bin/python")
 
 
-def cpu_info() -> str:
-    model = platform.processor() or "?"
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
+    return platform.processor() or "?"
+
+
+def cpu_info() -> str:
+    return f"{cpu_model()}, {os.cpu_count()} logical CPUs"
 
 
 def load_avg() -> str:
@@ -105,8 +111,8 @@ def bench_v4jax(model: v4jax.V4Model, prompt: np.ndarray, n_new: int) -> dict:
     step_s = []
     for _ in range(n_new):
         t = time.perf_counter()
-        logits, cache = model.extend(tok[:, None], cache)
-        tok = np.asarray(jnp.argmax(logits[:, -1], -1)).astype(np.int32)  # host copy = sync
+        nxt, _, cache = model.decode_step(tok, cache)   # greedy, cache donated
+        tok = np.asarray(nxt)  # host copy = sync
         step_s.append(time.perf_counter() - t)
         tokens.append(tok)
     jax.block_until_ready(cache)
@@ -133,23 +139,34 @@ def bench_hf(torch_python: str, ckpt: str, prompt: np.ndarray, n_new: int, workd
     np.save(path, prompt)
     cmd = [torch_python, WORKER, "--ckpt", ckpt, "--prompt", path, "--new-tokens", str(n_new),
            "--threads", str(os.cpu_count() or 1)]
+    res = run_worker(cmd, timeout, "transformers worker")
+    if not res.get("ok", True):
+        return res
+    res["tokens"] = np.asarray(res["tokens"], np.int32)
+    return res
+
+
+def run_worker(cmd: list[str], timeout: float, what: str) -> dict:
+    """Run a torch-side worker; its last stdout line is one JSON object. Failures come back as
+    ``{"ok": False, "error": ...}`` (timeout, exit code with the stderr tail, no JSON)."""
     env = dict(os.environ)
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return dict(ok=False, error=f"transformers run exceeded --hf-timeout {timeout:.0f}s (infeasible here)")
+        return dict(ok=False, error=f"{what} exceeded its timeout of {timeout:.0f}s (infeasible here)")
+    except OSError as e:
+        return dict(ok=False, error=f"{what}: {e}")
     wall = time.perf_counter() - t
     if r.returncode != 0:
-        tail = "\n".join(r.stderr.strip().splitlines()[-5:])
+        tail = "\n".join(r.stderr.strip().splitlines()[-8:])
         why = "killed (out of memory?)" if r.returncode in (-9, 137) else f"exit code {r.returncode}"
-        return dict(ok=False, error=f"transformers worker failed ({why}):\n{tail}")
+        return dict(ok=False, error=f"{what} failed ({why}):\n{tail}")
     try:
         res = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return dict(ok=False, error=f"transformers worker printed no JSON; stdout tail: {r.stdout[-300:]!r}")
-    res["tokens"] = np.asarray(res["tokens"], np.int32)
+        return dict(ok=False, error=f"{what} printed no JSON; stdout tail: {r.stdout[-300:]!r}")
     res["wall_s"] = wall
     return res
 
@@ -174,7 +191,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps per context (>= 2; step 1 is warm-up)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--torch-python", default="/work/fxvenv/bin/python",
+    ap.add_argument("--torch-python", default=DEFAULT_TORCH_PYTHON,
                     help="a Python with torch + transformers (DeepseekV4ForCausalLM); '' to skip")
     ap.add_argument("--hf-timeout", type=float, default=900.0,
                     help="seconds allowed for one transformers context (load + prefill + decode)")

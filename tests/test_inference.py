@@ -54,6 +54,28 @@ def test_decode_equals_transformers_through_hca_128_boundaries():
     assert np.abs(got - ref["logits"]).max() <= 1e-4 * np.abs(ref["logits"]).max()
 
 
+def test_decode_step_equals_extend_and_consumes_its_cache(case):
+    """The one-token step (fused argmax, donated cache) gives extend's logits and argmax at every
+    position for a batch of 2, and the cache it was given is consumed."""
+    m, ids, full = case
+    P = 30
+    _, cache = m.prefill(ids[:, :P], max_len=T)
+    _, ref_cache = m.prefill(ids[:, :P], max_len=T)
+    for t in range(P, T):
+        old = cache
+        nxt, logits, cache = m.decode_step(ids[:, t], cache)
+        ref, ref_cache = m.extend(ids[:, t:t + 1], ref_cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref[:, 0]), rtol=1e-5,
+                                   atol=1e-5 * np.abs(full).max())
+        np.testing.assert_array_equal(np.asarray(nxt), np.argmax(np.asarray(ref[:, 0]), -1))
+        err = np.abs(np.asarray(logits) - full[:, t]).max()
+        assert err <= 1e-4 * np.abs(full).max(), (t, err)
+        assert old["pos"].is_deleted()
+    assert (np.asarray(cache["pos"]) == T).all()
+    with pytest.raises(InputError, match="shape"):
+        m.decode_step(ids[:1, 0], cache)
+
+
 def test_greedy_generation_is_argmax_of_forward(case):
     m, ids, _ = case
     prompt = ids[:, :13]

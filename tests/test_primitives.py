@@ -11,9 +11,9 @@ from v4jax.attention.compressor import pool_blocks, visible_entries
 from v4jax.attention.core import attention_reference, topk_to_mask
 from v4jax.attention.indexer import select_topk
 from v4jax.config import RopeSpec, preset
-from v4jax.hyper_connection import expand, sinkhorn
+from v4jax.hyper_connection import expand, sinkhorn, stream_mix
 from v4jax.layers.rope import apply_rope, inv_freq
-from v4jax.moe.experts import experts_dense, experts_ragged
+from v4jax.moe.experts import block_layout, block_rows, experts_blocked, experts_dense, experts_ragged
 from v4jax.moe.router import affinity, gate_weights, sequence_balance_stats
 
 
@@ -51,6 +51,19 @@ def test_mix_direction_and_identical_streams(rng):
     np.testing.assert_allclose(out[0, 0], np.asarray(comb[0, 0]).T @ np.asarray(x[0, 0]), rtol=1e-5, atol=1e-6)
     same = jnp.broadcast_to(x[:, :, :1], x.shape)
     np.testing.assert_allclose(np.asarray(expand(same, y, jnp.zeros((1, 1, 4)), comb)), np.asarray(same), atol=1e-5)
+
+
+def test_stream_mix_vjp_matches_the_einsum_autodiff(rng):
+    """The hand-written VJP of the residual mix equals autodiff of the einsum ``X'[j] = sum_i comb[i, j] X[i]``."""
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)
+    comb = jnp.asarray(rng.random((2, 3, 4, 4)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)
+    ref = lambda x, c: jnp.einsum("ntij,ntid->ntjd", c, x)
+    np.testing.assert_allclose(np.asarray(stream_mix(x, comb)), np.asarray(ref(x, comb)), rtol=1e-6, atol=1e-6)
+    ga = jax.grad(lambda x, c: jnp.sum(stream_mix(x, c) * ct), argnums=(0, 1))(x, comb)
+    gb = jax.grad(lambda x, c: jnp.sum(ref(x, c) * ct), argnums=(0, 1))(x, comb)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- RoPE (spec 2)
@@ -210,21 +223,60 @@ def test_experts_ragged_equals_dense_and_grads(rng):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [None, 1, 4, 64])
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+def test_experts_blocked_equals_dense_and_grads(rng, block, routing):
+    """The blocked dispatch is dropless (all pairs on one expert included) and exact vs the oracle."""
+    N, d, I, E, K = 23, 8, 6, 5, 2
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    if routing == "random":
+        idx = np.stack([rng.permutation(E)[:K] for _ in range(N)])
+    else:   # every token's first choice is expert 3: one group holds N pairs
+        idx = np.stack([[3, (t % 4) + (t % 4 >= 3)] for t in range(N)])
+    idx = jnp.asarray(idx, jnp.int32)
+    w = jnp.asarray(rng.random((N, K)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E, d, I)) * 2, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E, I, d)), jnp.float32)
+    f = lambda ws, xx: experts_blocked(xx, idx, w, *ws, 10.0, block=block)
+    g = lambda ws, xx: experts_dense(xx, idx, w, *ws, 10.0)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)((w1, w2, w3), x)), np.asarray(g((w1, w2, w3), x)),
+                               rtol=1e-5, atol=1e-5)
+    ga = jax.grad(lambda ws, xx: f(ws, xx).sum() ** 2, argnums=(0, 1))((w1, w2, w3), x)
+    gb = jax.grad(lambda ws, xx: g(ws, xx).sum() ** 2, argnums=(0, 1))((w1, w2, w3), x)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5 * float(jnp.abs(v).max()))
+
+
+def test_block_layout_invariants(rng):
+    """Every (token, k) pair sits in exactly one valid slot of a block owned by its expert."""
+    N, K, E = 40, 3, 7
+    idx = jnp.asarray(np.stack([rng.permutation(E)[:K] for _ in range(N)]), jnp.int32)
+    for b in (1, 2, 8):
+        slot_pair, valid, be, pair_slot = (np.asarray(a) for a in block_layout(idx, E, b))
+        assert be.shape == ((N * K + E * (b - 1)) // b,)
+        assert valid.sum() == N * K and sorted(slot_pair[valid].tolist()) == list(range(N * K))
+        np.testing.assert_array_equal(slot_pair[pair_slot.reshape(-1)], np.arange(N * K))
+        assert valid[pair_slot.reshape(-1)].all()
+        np.testing.assert_array_equal(be[pair_slot // b], np.asarray(idx))
+    assert block_rows(2, 16) == 1 and block_rows(4096, 16) == 128 and block_rows(1024, 16) == 64
+
+
 def test_swiglu_clamp():
     from v4jax.moe.experts import swiglu
     g, v = jnp.array([20.0, -20.0]), jnp.array([20.0, -20.0])
     np.testing.assert_allclose(np.asarray(swiglu(g, v, 10.0)), [10 / (1 + math.exp(-10)) * 10, -20 / (1 + math.exp(20)) * -10], rtol=1e-5)
 
 
-def test_moe_dense_impl_equals_ragged():
-    """``Runtime(moe="dense")`` (every expert, for CPU training) gives the routed path's values and grads."""
+@pytest.mark.parametrize("impl", ["blocked", "ragged", "auto"])
+def test_moe_impls_equal_dense(impl):
+    """Every ``Runtime.moe`` dispatch gives the dense oracle's values and grads through the MoE layer."""
     from v4jax.moe.moe import MoE
 
     cfg = preset("tiny", vocab_size=64, dim=32, moe_inter_dim=16, n_routed_experts=8)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
-    ragged, dense = MoE(cfg.moe(False)), MoE(cfg.moe(False), impl="dense")
+    ragged, dense = MoE(cfg.moe(False), impl=impl), MoE(cfg.moe(False), impl="dense")
     v = ragged.init(jax.random.key(0), x, ids)
     v = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), a.dtype)
                      if a.dtype == jnp.float32 else a, v)

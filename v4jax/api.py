@@ -66,6 +66,8 @@ class V4Model:
         self.variables = stack_variables(cfg, variables)   # accepts the per-layer layout too
         self._forward = jax.jit(self._pure_forward, static_argnames=("with_mtp",))
         self._extend = jax.jit(self._pure_extend)
+        # the decode step consumes its cache (donated: the ring and compressor rows update in place)
+        self._decode = jax.jit(self._pure_decode, donate_argnums=(2,), static_argnames=("temperature", "top_p"))
 
     def with_runtime(self, runtime: Runtime | None = None, **options) -> "V4Model":
         """The same weights under other implementation choices."""
@@ -107,6 +109,24 @@ class V4Model:
     def _pure_extend(self, variables, ids, cache, n_valid):
         out = self.module.apply(variables, ids, cache, n_valid, method="extend")
         return out["logits"], out["cache"]
+
+    def _pure_decode(self, variables, tokens, cache, key, temperature: float, top_p: float):
+        from v4jax.inference.sampling import choose_next
+
+        out = self.module.apply(variables, tokens, cache, method="decode")
+        return choose_next(out["logits"], key, temperature, top_p), out["logits"], out["cache"]
+
+    def decode_step(self, tokens, cache: dict, temperature: float = 0.0, top_p: float = 1.0, key=None):
+        """One decode step for every sequence: ``tokens [B]`` (the last chosen token of each row)
+        -> (next tokens ``[B]`` int32, fp32 logits ``[B, vocab]``, new cache). Greedy when
+        ``temperature == 0``. The cache passed in is CONSUMED (donated and updated in place): use
+        only the returned one. One compile per batch size (and sampling setting)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        B = cache["pos"].shape[0]
+        if tokens.shape != (B,):
+            raise InputError(f"decode_step needs tokens of shape ({B},) for this cache, got {tuple(tokens.shape)}")
+        key = jax.random.key(0) if key is None else key
+        return self._decode(self.variables, tokens, cache, key, temperature=float(temperature), top_p=float(top_p))
 
     def new_cache(self, batch: int, max_len: int, fmt: str = "native") -> dict:
         """An empty fixed-shape cache for ``batch`` sequences of up to ``max_len`` tokens.
@@ -173,23 +193,30 @@ class V4Model:
         lengths = np.full((B,), P, np.int32) if lengths is None else np.asarray(lengths, np.int32)
         logits, cache = self.prefill(ids, P + max_new_tokens, chunk_size, cache_format, lengths)
         key = jax.random.key(seed)
+        temperature, top_p = float(temperature), float(top_p)
+        tok = sample_next(logits[jnp.arange(B), jnp.asarray(lengths) - 1], jax.random.fold_in(key, 0),
+                          temperature, top_p)
+        del logits
         done = np.zeros(B, bool)
         fill = np.zeros(B, np.int32)
         out = []
-        last = logits[np.arange(B), lengths - 1]
         for step in range(max_new_tokens):
-            tok = np.asarray(sample_next(last, jax.random.fold_in(key, step), temperature, top_p))
-            tok = np.where(done, fill, tok).astype(np.int32)
-            out.append(tok)
+            # the next step is dispatched before this one's tokens reach the host, so the device
+            # never waits on the Python loop (a finished row's extra token is overwritten below)
+            nxt = None
+            if step < max_new_tokens - 1:
+                nxt, _, cache = self._decode(self.variables, tok, cache, jax.random.fold_in(key, step + 1),
+                                             temperature=temperature, top_p=top_p)
+            host = np.where(done, fill, np.asarray(tok)).astype(np.int32)
+            out.append(host)
             if on_token is not None:
-                on_token(step, tok)
-            hit = np.isin(tok, stop) & ~done
-            fill = np.where(hit, tok, fill)
+                on_token(step, host)
+            hit = np.isin(host, stop) & ~done
+            fill = np.where(hit, host, fill)
             done |= hit
-            if done.all() or step == max_new_tokens - 1:
+            if done.all() or nxt is None:
                 break
-            last, cache = self.extend(tok[:, None], cache)
-            last = last[:, -1]
+            tok = nxt
         return np.stack(out, axis=1)
 
     # -- accessors and export -------------------------------------------------------------------
@@ -227,7 +254,7 @@ def load_hf(path: str | os.PathLike, **overrides) -> V4Model:
     sharded with an index) in the official or the ``transformers`` naming. FP8/FP4 weights are
     dequantized on load, tensor by tensor. ``overrides`` are ``V4Config`` fields (e.g.
     ``dtype="bfloat16"``) or ``Runtime`` options (``attention="xla"|"reference"|"pallas"``,
-    ``moe="ragged"|"dense"``, ``remat=...``; the old names ``attention_impl`` / ``moe_impl`` work)."""
+    ``moe="auto"|"blocked"|"ragged"|"tokamax"|"dense"``, ``remat=...``; the old names ``attention_impl`` / ``moe_impl`` work)."""
     from v4jax.weights import load_variables
 
     path = os.fspath(path)

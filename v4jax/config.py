@@ -39,7 +39,7 @@ def _refuse_runtime_keys(keys) -> None:
     bad = sorted(k for k in keys if k in _RUNTIME_KEYS)
     if bad:
         raise ConfigError(f"{bad} are not architecture: pass them as runtime options (v4jax.Runtime, or "
-                          f"load_hf(..., attention='xla'|'reference'|'pallas', moe='ragged'|'dense'); the dense "
+                          f"load_hf(..., attention='xla'|'reference'|'pallas', moe='auto'|'blocked'|'ragged'|'tokamax'|'dense'); the dense "
                           f"curriculum stage is SeqContext(dense_attention=True))")
 
 

@@ -26,15 +26,23 @@ from v4jax.layers.norms import rms_normalize
 def sinkhorn(logits: jnp.ndarray, iters: int, eps: float) -> jnp.ndarray:
     """DeepSeek's Sinkhorn-Knopp order: row softmax + eps, a column normalisation, then
     ``iters - 1`` rounds of (row, column) normalisation. The last step normalises columns, so the
-    column sums (axis -2) are 1. ``[..., n, n]`` fp32 -> ``[..., n, n]``."""
-    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) + eps
-    p = p / (jnp.sum(p, axis=-2, keepdims=True) + eps)
+    column sums (axis -2) are 1. ``[..., n, n]`` fp32 -> ``[..., n, n]``.
+
+    Computed with the n x n axes leading (``[n, n, tokens]``): the row and column sums are then
+    adds of contiguous vectors, which XLA:CPU runs ~5x faster forward and ~2x backward than
+    reductions over two trailing axes of size 4 (experiments/results/profile)."""
+    shape, n = logits.shape, logits.shape[-1]
+    q = jnp.moveaxis(logits.astype(jnp.float32).reshape(-1, n, n), 0, -1)   # [n(row), n(col), N]
+    e = jnp.exp(q - jnp.max(q, axis=1, keepdims=True))
+    p = e / jnp.sum(e, axis=1, keepdims=True) + eps
+    p = p / (jnp.sum(p, axis=0, keepdims=True) + eps)
 
     def body(_, p):
-        p = p / (jnp.sum(p, axis=-1, keepdims=True) + eps)
-        return p / (jnp.sum(p, axis=-2, keepdims=True) + eps)
+        p = p / (jnp.sum(p, axis=1, keepdims=True) + eps)
+        return p / (jnp.sum(p, axis=0, keepdims=True) + eps)
 
-    return jax.lax.fori_loop(0, iters - 1, body, p)
+    p = jax.lax.fori_loop(0, iters - 1, body, p)
+    return jnp.moveaxis(p, -1, 0).reshape(shape)
 
 
 def hc_coefficients(x: jnp.ndarray, fn: jnp.ndarray, base: jnp.ndarray, scale: jnp.ndarray,
@@ -57,9 +65,37 @@ def collapse(x: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     return jnp.einsum("btn,btnd->btd", weights, x.astype(jnp.float32)).astype(x.dtype)
 
 
+def _mix(x: jnp.ndarray, comb: jnp.ndarray) -> jnp.ndarray:
+    """``out[..., b, :] = sum_a comb[..., a, b] * x[..., a, :]`` as n broadcast multiply-adds."""
+    return sum(comb[..., a, :, None] * x[..., a, None, :] for a in range(x.shape[-2]))
+
+
+@jax.custom_vjp
+def stream_mix(x: jnp.ndarray, comb: jnp.ndarray) -> jnp.ndarray:
+    """The residual mix ``sum_a comb[a, b] X[a]``: x ``[..., n, d]``, comb ``[..., n, n]`` (fp32).
+
+    Hand-written VJP (``dx = mix(g, comb^T)``, ``dcomb[a, b] = <x[a], g[b]>``) because the einsum
+    form is a dot_general with [B, T] batch dims and a contraction of 4 (thousands of tiny matmuls
+    on XLA:CPU) and autodiff of the elementwise form reduces badly: this is 7x faster forward and
+    1.7x backward on the tiny shapes (experiments/results/profile)."""
+    return _mix(x, comb)
+
+
+def _stream_mix_fwd(x, comb):
+    return _mix(x, comb), (x, comb)
+
+
+def _stream_mix_bwd(res, g):
+    x, comb = res
+    return _mix(g, jnp.swapaxes(comb, -1, -2)), jnp.sum(x[..., :, None, :] * g[..., None, :, :], axis=-1)
+
+
+stream_mix.defvjp(_stream_mix_fwd, _stream_mix_bwd)
+
+
 def expand(x: jnp.ndarray, y: jnp.ndarray, post: jnp.ndarray, comb: jnp.ndarray) -> jnp.ndarray:
     """``X'[b] = post[b] * y + sum_a comb[a, b] X[a]``. x ``[B,T,n,d]``, y ``[B,T,d]``."""
-    mixed = jnp.einsum("btij,btid->btjd", comb, x.astype(jnp.float32))
+    mixed = stream_mix(x.astype(jnp.float32), comb.astype(jnp.float32))   # [B, T, n, d]
     return (post[..., None] * y.astype(jnp.float32)[:, :, None, :] + mixed).astype(x.dtype)
 
 

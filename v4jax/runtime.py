@@ -9,12 +9,19 @@ Two models with the same config and variables give the same logits (within fp32 
   top-k (``v4jax/attention/xla.py``); O(T * (window + k)) memory for CSA, O(T * block) for HCA.
   ``"reference"``: the dense masked jnp oracle (``v4jax/attention/core.py``), O(T^2) memory.
   ``"pallas"``: ``kernels_pallas`` (TPU Mosaic / GPU Triton / CPU interpret) for whole sequences.
-* ``moe``: ``"ragged"`` (sort + ``lax.ragged_dot``, the selected experts' FLOPs) or ``"dense"``
-  (every expert on every token, exact; faster on CPU when the expert count is small).
+* ``moe``: the dropless expert dispatch (``v4jax/moe/experts.py``), all with the selected experts'
+  FLOPs except ``"dense"``. ``"auto"`` (default): ``"blocked"`` on CPU, ``"tokamax"`` on GPU/TPU
+  when the optional tokamax package is installed, else ``"ragged"``. ``"blocked"``: sorted
+  fixed-size row blocks, one batched matmul per projection (at decode reads only the selected
+  experts' weights); ``"ragged"``: ``jax.lax.ragged_dot``; ``"tokamax"``: ``tokamax.ragged_dot``;
+  ``"dense"``: every expert on every token (E/K x the FLOPs; the oracle).
 * ``remat``: rematerialisation of each scanned layer in the backward pass: ``"none"``, ``"full"``
   (save nothing), ``"save_matmuls"`` (keep matmul outputs without batch dims), ``"offload"``
   (move those matmul outputs to host memory; needs a backend with pinned host memory).
 * ``q_chunk``: query tokens per block of the ``xla`` attention (None: its default).
+* ``unroll``: a layer stack of at most this many repeats is unrolled instead of looped (same
+  parameters and values; the scan's per-iteration slicing and residual stacking dominate shallow
+  stacks, and compile time only grows with the unrolled layers). ``0``: scan every stack.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ATTENTION_IMPLS = ("xla", "reference", "pallas")
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("auto", "blocked", "ragged", "tokamax", "dense")
 REMAT_POLICIES = ("none", "full", "save_matmuls", "offload")
 
 # Old V4Config field names that are runtime options now (accepted by load_hf / V4Model.init).
@@ -33,9 +40,10 @@ LEGACY_KEYS = {"attention_impl": "attention", "moe_impl": "moe"}
 @dataclass(frozen=True)
 class Runtime:
     attention: str = "xla"
-    moe: str = "ragged"
+    moe: str = "auto"
     remat: str = "none"
     q_chunk: int | None = None
+    unroll: int = 2
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -46,6 +54,8 @@ class Runtime:
             raise ValueError(f"Runtime.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.q_chunk is not None and (not isinstance(self.q_chunk, int) or self.q_chunk < 1):
             raise ValueError(f"Runtime.q_chunk must be a positive integer or None, got {self.q_chunk!r}")
+        if not isinstance(self.unroll, int) or isinstance(self.unroll, bool) or self.unroll < 0:
+            raise ValueError(f"Runtime.unroll must be an integer >= 0, got {self.unroll!r}")
 
     def replace(self, **kw) -> "Runtime":
         return dataclasses.replace(self, **kw)
@@ -68,7 +78,7 @@ class Runtime:
 
 def split_runtime_kwargs(kw: dict) -> tuple[dict, dict]:
     """Split keyword overrides into (config fields, runtime options). Runtime options may be given
-    by their names (``attention``, ``moe``, ``remat``, ``q_chunk``) or the old config names
+    by their names (``attention``, ``moe``, ``remat``, ``q_chunk``, ``unroll``) or the old config names
     (``attention_impl``, ``moe_impl``)."""
     names = {f.name for f in dataclasses.fields(Runtime)} | set(LEGACY_KEYS)
     rt = {k: v for k, v in kw.items() if k in names}

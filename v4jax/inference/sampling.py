@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 
-@partial(jax.jit, static_argnames=("temperature", "top_p"))
-def sample_next(logits: jnp.ndarray, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0) -> jnp.ndarray:
-    """logits ``[B, V]`` -> token ids ``[B]``. ``temperature == 0`` is greedy (lowest id on ties)."""
+def choose_next(logits: jnp.ndarray, key: jax.Array, temperature: float = 0.0, top_p: float = 1.0) -> jnp.ndarray:
+    """logits ``[B, V]`` -> token ids ``[B]``. ``temperature == 0`` is greedy (lowest id on ties).
+    Traceable (the decode step fuses it); ``sample_next`` is the jitted form."""
     logits = logits.astype(jnp.float32)
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -23,3 +23,6 @@ def sample_next(logits: jnp.ndarray, key: jax.Array, temperature: float = 0.0, t
         sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # keeps at least the top token
         logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+sample_next = partial(jax.jit, static_argnames=("temperature", "top_p"))(choose_next)

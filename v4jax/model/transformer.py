@@ -63,7 +63,13 @@ class Transformer(nn.Module):
         if policy is not None:
             body = nn.remat(body, policy=policy, prevent_cse=False)
         return nn.scan(body, variable_axes=_SCANNED, split_rngs={"params": True}, length=repeats,
-                       metadata_params={nn.PARTITION_NAME: STACK_AXIS})
+                       unroll=self._unroll(repeats), metadata_params={nn.PARTITION_NAME: STACK_AXIS})
+
+    def _unroll(self, repeats: int) -> int | bool:
+        """Stacks of at most ``runtime.unroll`` repeats run fully unrolled, with no loop (the
+        loop's per-iteration slicing and residual stacking cost more than they save on shallow
+        stacks); deeper stacks are one loop iteration per repeat."""
+        return True if repeats <= self.runtime.unroll else 1
 
     def __call__(self, ids: jnp.ndarray, ctx: SeqContext = SeqContext(), with_mtp: bool | None = None,
                  next_ids: jnp.ndarray | None = None) -> dict:
@@ -104,10 +110,20 @@ class Transformer(nn.Module):
         new_layers = {}
         for k, (st, mod) in enumerate(zip(layer_plan(cfg), self.stacks)):
             body = lambda m, carry, c: m.extend(carry, ids, c, start, n_valid)
-            scan = nn.scan(body, variable_axes=_SCANNED, split_rngs={"params": True}, length=st.repeats)
+            scan = nn.scan(body, variable_axes=_SCANNED, split_rngs={"params": True}, length=st.repeats,
+                           unroll=self._unroll(st.repeats))
             x, new_layers[f"stack_{k}"] = scan(mod, x, cache["layers"][f"stack_{k}"])
         logits = self.logits(self.norm(self.hc_head(x)))
         return {"logits": logits, "cache": {**cache, "pos": start + n_valid, "layers": new_layers}}
+
+    def decode(self, tokens: jnp.ndarray, cache: dict) -> dict:
+        """One new token per sequence: ``tokens [B]`` at positions ``cache["pos"]`` ->
+        ``{"logits" [B, vocab], "cache"}``. The cached path for T = 1 with every row real: each
+        layer reads its window ring and, for CSA, only the indexer's selected entries, and writes
+        one ring slot and the compressor's pending row in place (when the caller donates the cache,
+        as ``V4Model.decode_step`` does)."""
+        out = self.extend(tokens[:, None], cache, jnp.ones(tokens.shape[:1], jnp.int32))
+        return {"logits": out["logits"][:, 0], "cache": out["cache"]}
 
 
 def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=jnp.float32, fmt: str = "native") -> dict:

@@ -12,7 +12,7 @@ import numpy as np
 
 from v4jax.config import MoESpec
 from v4jax.layers.linear import Linear, default_init, param_with_axes
-from v4jax.moe.experts import experts_dense, experts_ragged, swiglu
+from v4jax.moe.experts import experts_blocked, experts_dense, experts_ragged, resolve_impl, swiglu
 from v4jax.moe.router import affinity, gate_weights, hash_route, sequence_balance_stats, topk_route
 
 
@@ -63,12 +63,12 @@ class SharedExpert(nn.Module):
 
 class Experts(nn.Module):
     """Stacked routed experts ``w1, w3 [E, d, I]``, ``w2 [E, I, d]``; each expert is its own matrix.
-    ``impl`` (``Runtime.moe``): "ragged" (sort + ``ragged_dot``) or "dense" (every expert, exact)."""
+    ``impl`` (``Runtime.moe``): "auto", "blocked", "ragged", "tokamax" or "dense" (``resolve_impl``)."""
 
     spec: MoESpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    impl: str = "ragged"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, idx, weights):
@@ -77,10 +77,13 @@ class Experts(nn.Module):
         w1 = param_with_axes(self, "w1", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
         w3 = param_with_axes(self, "w3", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
         w2 = param_with_axes(self, "w2", default_init, (E, I, d), ("experts", "mlp", "embed"), self.param_dtype)
-        if self.impl == "dense":   # the oracle: same values, E/K x the FLOPs, but plain matmuls (faster on CPU)
+        impl = resolve_impl(self.impl)
+        if impl == "dense":   # the oracle: same values, E/K x the FLOPs
             return experts_dense(x, idx, weights, w1.astype(self.dtype), w2.astype(self.dtype),
                                  w3.astype(self.dtype), s.swiglu_limit).astype(self.dtype)
-        return experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
+        if impl == "blocked":
+            return experts_blocked(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
+        return experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl)
 
 
 class MoE(nn.Module):
@@ -89,7 +92,7 @@ class MoE(nn.Module):
     spec: MoESpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    impl: str = "ragged"
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray):

@@ -191,7 +191,7 @@ def _tiny() -> TrainConfig:
     experts). Scale ``batch_size``/``total_steps`` up on an accelerator (spec 11: 8-16 x 256)."""
     total = 110
     return TrainConfig(
-        name="tiny", model=preset("tiny"), runtime=Runtime(moe="dense"), seq_len=256, batch_size=4, total_steps=total,
+        name="tiny", model=preset("tiny"), seq_len=256, batch_size=4, total_steps=total,
         optim=OptimizerConfig(peak_lr=3e-3, final_lr=3e-4, warmup_steps=10, decay_start=80, total_steps=total),
         dense_attention_steps=20, indexer_warmup_steps=10,
         log_every=5, eval_every=20, eval_batches=8, checkpoint_every=50)
@@ -213,8 +213,9 @@ def _paper(model: str, peak: float) -> TrainConfig:
     total = 100_000
     return TrainConfig(
         name=model, model=preset(model, dtype="bfloat16"), seq_len=4096, batch_size=64, total_steps=total,
+        # Newton-Schulz with bf16 operands (fp32 accumulation), as V4 runs it at scale (spec 9)
         optim=OptimizerConfig(peak_lr=peak, final_lr=peak / 10, warmup_steps=2000, decay_start=int(total * 0.9),
-                              total_steps=total),
+                              total_steps=total, muon_ns_dtype="bfloat16"),
         dense_attention_steps=int(total * 0.3), indexer_warmup_steps=1000,
         log_every=50, eval_every=2000, eval_batches=50, checkpoint_every=1000)
 

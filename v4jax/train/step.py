@@ -30,13 +30,17 @@ def _is_indexer(path) -> bool:
 
 
 def stage_id(cfg: TrainConfig, step) -> jnp.ndarray:
-    """Curriculum stage of ``step`` as a traced int (0 dense, 1 indexer_warmup, 2 sparse)."""
+    """Curriculum stage of ``step`` as a traced int (0 dense, 1 indexer_warmup, 2 sparse); a
+    Python 2 when the run has no dense or warm-up steps (nothing is traced for switched-off stages)."""
     d, w = cfg.dense_attention_steps, cfg.indexer_warmup_steps
+    if d == 0 and w == 0:
+        return 2
     return (step >= d).astype(jnp.int32) + (step >= d + w).astype(jnp.int32)
 
 
-def _as_id(stage) -> jnp.ndarray:
-    return jnp.int32(STAGES.index(stage)) if isinstance(stage, str) else stage
+def _as_id(stage):
+    """A stage name -> its Python int id (static: the step is specialised to it); ids pass through."""
+    return STAGES.index(stage) if isinstance(stage, str) else stage
 
 
 def _train_flags(sid):
@@ -53,7 +57,10 @@ def _mask_by_path(new, old, sid):
     def pick(path, n, o):
         if jnp.ndim(n) == 0:
             return n
-        return jnp.where(idx_on if _is_indexer(path) else rest_on, n, o)
+        on = idx_on if _is_indexer(path) else rest_on
+        if isinstance(on, bool):   # static stage: no select at all
+            return n if on else o
+        return jnp.where(on, n, o)
 
     return jax.tree_util.tree_map_with_path(pick, new, old)
 
@@ -124,21 +131,27 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
         grads = _mask_by_path(grads, jax.tree.map(jnp.zeros_like, grads), sid)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
-        # keep the optimizer's arithmetic finite on a bad step; its result is discarded below
-        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-        updates, opt_state = tx.update(safe_grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params = _mask_by_path(params, state["params"], sid)
-        opt_state = _mask_by_path(opt_state, state["opt_state"], sid)
-        buffers = state["buffers"]
-        if cfg.bias_update_speed > 0:
-            moved = updated_router_biases(buffers, stats, mtp_stats, cfg.bias_update_speed, cfg.model)
-            buffers = jax.tree.map(lambda n, o: jnp.where(sid != 1, n, o), moved, buffers)
-        pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = {"step": step + 1, "params": pick(params, state["params"]),
-                     "opt_state": pick(opt_state, state["opt_state"]), "buffers": pick(buffers, state["buffers"]),
+
+        def apply(grads):
+            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+            params = _mask_by_path(optax.apply_updates(state["params"], updates), state["params"], sid)
+            opt_state = _mask_by_path(opt_state, state["opt_state"], sid)
+            buffers = state["buffers"]
+            if cfg.bias_update_speed > 0:
+                moved = updated_router_biases(buffers, stats, mtp_stats, cfg.bias_update_speed, cfg.model)
+                buffers = moved if isinstance(sid, int) and sid != 1 else jax.tree.map(
+                    lambda n, o: jnp.where(sid != 1, n, o), moved, buffers)
+            return params, opt_state, buffers
+
+        def keep(grads):
+            return state["params"], state["opt_state"], state["buffers"]
+
+        # a conditional, not a select over the whole state: only the taken branch runs, and the
+        # update writes straight into the (donated) state buffers
+        params, opt_state, buffers = jax.lax.cond(finite, apply, keep, grads)
+        new_state = {"step": step + 1, "params": params, "opt_state": opt_state, "buffers": buffers,
                      "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.int32), "stage": sid, **aux}
+        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.int32), "stage": jnp.asarray(sid, jnp.int32), **aux}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(step)
         loads = [st["load"] for i, st in enumerate(stats) if not cfg.model.is_hash_layer(i)]
