@@ -225,6 +225,14 @@ def _bars(ax, labels, series: dict[str, list], ylabel: str, log: bool = False) -
     ax.legend(fontsize=8)
 
 
+def _save_png(plt, fig, out: str, name: str) -> None:
+    fig.tight_layout()
+    p = os.path.join(out, f"{name}.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    print(f"wrote {_show(p)}")
+
+
 def banner(title: str) -> str:
     load = db.load_avg()
     print(f"\n=== {title} ===  {platform.node()}  {_cpu_model()}, {os.cpu_count()} CPUs, load avg {load}; "
@@ -546,11 +554,7 @@ def train_one(args, preset: str, optimizer: str, mtp: bool, peak: dict, hf_cache
         ax.set_ylabel("train tokens/s")
         ax.set_title(f"{preset} B={args.batch} T={args.seq} {optimizer} MTP {'on' if mtp else 'off'}"
                      + (f"\nratio {ratio:.2f}x" if ratio else ""), fontsize=9)
-        fig.tight_layout()
-        p = os.path.join(args.out, f"{name}.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        print(f"wrote {_show(p)}")
+        _save_png(plt, fig, args.out, name)
     return res
 
 
@@ -640,11 +644,7 @@ def cmd_decode(args, peak: dict | None = None) -> dict:
                "transformers": [r["transformers"]["tok_s"] if r["transformers"] and r["transformers"]["ok"] else None
                                 for r in rows]}, "decode tokens/s", log=True)
         ax.set_title(f"tiny greedy decode, {N - 1} timed steps", fontsize=9)
-        fig.tight_layout()
-        p = os.path.join(args.out, "decode.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        print(f"wrote {_show(p)}")
+        _save_png(plt, fig, args.out, "decode")
     return res
 
 
@@ -781,11 +781,7 @@ def cmd_all(args) -> dict:
                "transformers": [s["transformers_tok_s"] for s in summary_dec]}, "decode tokens/s", log=True)
         axes[1].set_title("tiny greedy decode", fontsize=9)
         fig.suptitle(f"v4jax vs transformers, {_cpu_model()}, {os.cpu_count()} CPUs, fp32", fontsize=10)
-        fig.tight_layout()
-        p = os.path.join(args.out, "all.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        print(f"wrote {_show(p)}")
+        _save_png(plt, fig, args.out, "all")
     return res
 
 
