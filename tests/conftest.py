@@ -11,6 +11,10 @@ import v4jax
 from v4jax.config import preset
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# 8 simulated CPU devices for the mesh tests (tests/test_parallel.py); everything else runs on
+# device 0 as before. Must be set before the first computation creates the CPU backend.
+N_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", N_DEVICES)
 
 
 def small_config(**kw):

@@ -211,17 +211,26 @@ def test_fp8_cache_memory_matches_spec_arithmetic():
 
 def test_right_padded_prompts_of_different_lengths(case):
     """Rows of different lengths in one batch: each row's logits and greedy continuation equal
-    those of the row run alone (padding never enters a window, a compressor block or an entry)."""
-    m, ids, _ = case
+    those of the row run alone (padding never enters a window, a compressor block or an entry).
+    "Alone" is the uncached full forward of the unpadded row: causal, so the logits at its first
+    n positions are those of its n real tokens, and a greedy continuation is the argmax chain of
+    the forward over prompt + continuation (both at the fixture's compiled shape)."""
+    m, ids, full = case
     lengths = np.array([13, 22])
     padded = ids[:, :22].copy()
     padded[0, 13:] = 0  # padding tokens
-    logits, _ = m.prefill(padded, 40, chunk_size=9, lengths=lengths)
+    # max_len = 22 + 6, the cache generate() builds: the prefill's chunk compiles are shared
+    logits, _ = m.prefill(padded, 28, chunk_size=9, lengths=lengths)
     new = m.generate(padded, 6, stop_tokens=(), lengths=lengths, chunk_size=9)
+    assert new.shape == (2, 6)
+    cont = ids.copy()                       # row b: its n real tokens, its continuation, then filler
     for b, n in enumerate(lengths):
-        alone = np.asarray(m(ids[b:b + 1, :n]))
+        cont[b, n:n + 6] = new[b]
+    cont_logits = np.asarray(m(cont))
+    for b, n in enumerate(lengths):
+        alone = full[b:b + 1, :n]
         np.testing.assert_allclose(np.asarray(logits)[b, :n], alone[0], rtol=1e-4, atol=1e-4 * np.abs(alone).max())
-        np.testing.assert_array_equal(new[b], m.generate(ids[b:b + 1, :n], 6, stop_tokens=())[0])
+        np.testing.assert_array_equal(new[b], cont_logits[b, n - 1:n + 5].argmax(-1))
 
 
 def test_tiny_preset_decode_equals_forward():

@@ -101,30 +101,36 @@ def test_layer_indexer_kl_uses_dense_attention_mass(packed, rng):
     ids = _ids(rng, T)[None]
     seg = np.ones((1, T), np.int32)
     ctx = lambda seg: SeqContext(segment_ids=seg, dense_attention=True, indexer_loss=True)
-    out = jax.jit(lambda v, ids, seg: md.apply(v, ids, ctx(seg)))(v, ids, seg)
+    # one compiled forward gives the model's KL and the intermediates the numpy check starts from
+    # (the main compressor's entries, the indexer's queries/keys/head weights, the attention input)
+    out, inter = jax.jit(lambda v, ids, seg: md.apply(v, ids, ctx(seg), capture_intermediates=_CAPTURED,
+                                                      mutable=["intermediates"]))(v, ids, seg)
     kls = [(float(st.kl), float(st.count)) for st, t in zip(out["indexer"], cfg.layer_types) if t == "csa"]
     assert len(kls) == sum(t == "csa" for t in cfg.layer_types)
     # queries with >= 1 complete CSA block: t >= 3
     assert all(c == T - 3 for _, c in kls) and all(k > 0 for k, _ in kls)
     # independent check on the first CSA layer: rebuild its attention probabilities densely
     li = cfg.layer_types.index("csa")
-    got = _layer_kl_numpy(md, v, ids, li)
+    got = _layer_kl_numpy(md, v, inter["intermediates"], li)
     np.testing.assert_allclose(kls[0][0], got, rtol=2e-4)
 
 
-def _layer_kl_numpy(model, v, ids, li):
+def _CAPTURED(mdl, name):
+    return name == "__call__" and mdl.name in ("compressor", "indexer", "attn_norm")
+
+
+def _layer_kl_numpy(model, v, inter, li):
     """Recompute layer ``li``'s (dense) attention probabilities from captured intermediates."""
-    _, inter = model.apply(v, ids, capture_intermediates=lambda mdl, name: name == "__call__"
-                           and mdl.name in ("compressor", "indexer", "kv_norm", "q_norm", "wq_b"),
-                           mutable=["intermediates"])
-    layer = layer_tree(model.cfg, inter["intermediates"], li)["attn"]
+    layer = layer_tree(model.cfg, inter, li)
+    x = layer["attn_norm"]["__call__"][0]                                   # the attention's input
+    layer = layer["attn"]
     # captured: the main compressor's entries, the indexer's (queries, keys, head weights)
     comp = np.asarray(layer["compressor"]["__call__"][0], np.float64)
     iq, ikeys, iw = layer["indexer"]["__call__"][0]
     scores = np.asarray(indexer_scores(iq, ikeys, iw), np.float64)[0]
     # queries: re-run the query path through the module's own submodules
-    q = np.asarray(_queries(model, v, ids, li), np.float64)[0]             # [T, H, c]
-    kv = np.asarray(_window_kv(model, v, ids, li), np.float64)[0]          # [T, c]
+    q = np.asarray(_queries(model, v, x, li), np.float64)[0]               # [T, H, c]
+    kv = np.asarray(_window_kv(model, v, x, li), np.float64)[0]            # [T, c]
     sink = np.asarray(layer_tree(model.cfg, v["params"], li)["attn"]["attn_sink"], np.float64)
     Tn, H, c = q.shape
     n = comp.shape[1]
@@ -153,19 +159,12 @@ def _layer_kl_numpy(model, v, ids, li):
     return kl
 
 
-def _attn_inputs(model, v, ids, li):
-    """The normalised input of layer li's attention, via a capture of ``attn_norm``."""
-    _, inter = model.apply(v, ids, capture_intermediates=lambda mdl, name: mdl.name == "attn_norm",
-                           mutable=["intermediates"])
-    return layer_tree(model.cfg, inter["intermediates"], li)["attn_norm"]["__call__"][0]
-
-
-def _queries(model, v, ids, li):
+def _queries(model, v, x, li):
+    """Layer li's attention queries from its normalised input ``x`` (captured ``attn_norm``)."""
     from v4jax.layers.norms import rms_normalize
     from v4jax.layers.rope import apply_rope
 
     cfg = model.cfg
-    x = _attn_inputs(model, v, ids, li)
     p = layer_tree(model.cfg, v["params"], li)["attn"]
     qr = x @ p["wq_a"]["kernel"]
     qr = rms_normalize(qr, cfg.norm_eps) * p["q_norm"]["scale"]
@@ -174,12 +173,11 @@ def _queries(model, v, ids, li):
     return apply_rope(q, jnp.arange(x.shape[1]), cfg.attention("csa").rope)
 
 
-def _window_kv(model, v, ids, li):
+def _window_kv(model, v, x, li):
     from v4jax.layers.norms import rms_normalize
     from v4jax.layers.rope import apply_rope
 
     cfg = model.cfg
-    x = _attn_inputs(model, v, ids, li)
     p = layer_tree(model.cfg, v["params"], li)["attn"]
     kv = rms_normalize(x @ p["wkv"]["kernel"], cfg.norm_eps) * p["kv_norm"]["scale"]
     return apply_rope(kv, jnp.arange(x.shape[1]), cfg.attention("csa").rope)

@@ -252,13 +252,40 @@ def test_block_layout_invariants(rng):
     N, K, E = 40, 3, 7
     idx = jnp.asarray(np.stack([rng.permutation(E)[:K] for _ in range(N)]), jnp.int32)
     for b in (1, 2, 8):
-        slot_pair, valid, be, pair_slot = (np.asarray(a) for a in block_layout(idx, E, b))
-        assert be.shape == ((N * K + E * (b - 1)) // b,)
+        slot_pair, valid, be, pair_slot, ok = (np.asarray(a) for a in block_layout(idx, E, b))
+        assert be.shape == ((N * K + E * (b - 1)) // b,) and ok.all()
         assert valid.sum() == N * K and sorted(slot_pair[valid].tolist()) == list(range(N * K))
         np.testing.assert_array_equal(slot_pair[pair_slot.reshape(-1)], np.arange(N * K))
         assert valid[pair_slot.reshape(-1)].all()
         np.testing.assert_array_equal(be[pair_slot // b], np.asarray(idx))
     assert block_rows(2, 16) == 1 and block_rows(4096, 16) == 128 and block_rows(1024, 16) == 64
+
+
+def test_experts_blocked_partial_and_capacity(rng):
+    """Ids >= E (experts held on other devices) contribute nothing and take no slot; a capacity
+    cap places exactly the first pairs in expert order and counts them (numpy oracle)."""
+    N, d, I, E, K = 30, 8, 6, 4, 2
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    full = np.stack([rng.permutation(2 * E)[:K] for _ in range(N)])       # 2E experts; this device holds 0..E-1
+    w = jnp.asarray(rng.random((N, K)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E, d, I)), jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E, I, d)), jnp.float32)
+    local = full < E
+    idx = jnp.asarray(np.where(local, full, E), jnp.int32)
+    y, n = experts_blocked(x, idx, w, w1, w2, w3, 10.0, block=2, partial=True, count=True)
+    ref = experts_dense(x, jnp.asarray(np.where(local, full, 0), jnp.int32), w * local, w1, w2, w3, 10.0)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert int(n) == int(local.sum())
+    # capacity: blocks of 1 row, cap c -> the first c pairs in (expert, pair) order are placed
+    cap = int(local.sum()) // 2
+    y, n = experts_blocked(x, idx, w, w1, w2, w3, 10.0, block=1, capacity=cap, partial=True, count=True)
+    flat = np.where(local, full, E).reshape(-1)
+    placed = np.zeros(N * K, bool)
+    placed[np.argsort(flat, kind="stable")[:cap]] = True
+    keep = (placed & (flat < E)).reshape(N, K)
+    ref = experts_dense(x, jnp.asarray(np.where(keep, full, 0), jnp.int32), w * keep, w1, w2, w3, 10.0)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert int(n) == cap
 
 
 def test_swiglu_clamp():

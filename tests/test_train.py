@@ -28,7 +28,8 @@ T = 32
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(model=small_config(), name="test", seq_len=T, batch_size=2, total_steps=20,
+    # every layer type once (window, CSA, HCA), hash and learned routing, MTP
+    base = dict(model=small_config(n_layers=3, layer_types=("window", "csa", "hca")), name="test", seq_len=T, batch_size=2, total_steps=20,
                 optim=OptimizerConfig(total_steps=20, decay_start=15, warmup_steps=0, peak_lr=1e-2, final_lr=1e-3),
                 dense_attention_steps=2, indexer_warmup_steps=2)
     base.update(kw)
@@ -180,14 +181,19 @@ def test_run_config_overrides_and_round_trip(tmp_path):
 
 # -- a whole run, killed and resumed -----------------------------------------------------------
 
-RUN_SETTINGS = ["model.dim=64", "model.n_layers=4", 'model.layer_types=["window","csa","hca","csa"]',
-                "model.hca_ratio=8", "model.n_heads=4", "model.head_dim=32", "model.rope_head_dim=8",
-                "model.q_lora_rank=32", "model.o_lora_rank=16", "model.window_size=8", "model.index_n_heads=4",
-                "model.index_head_dim=16", "model.index_topk=3", "model.n_routed_experts=8",
-                "model.moe_inter_dim=32", "model.vocab_size=260", "tokenizer=byte", "seq_len=32",
-                "batch_size=2", "total_steps=8", "optim.total_steps=8", "optim.decay_start=6",
-                "optim.warmup_steps=2", "dense_attention_steps=0", "indexer_warmup_steps=0", "log_every=1",
-                "eval_every=100", "eval_batches=2", "checkpoint_every=3", "async_checkpointing=false"]
+# A tiny run: compiles dominate (train step and eval, fresh and again after the restored state), so
+# two layers carry the state a checkpoint holds (CSA: hash routing, indexer and compressors; HCA:
+# learned routing with its bias buffer; Muon and AdamW moments); no MTP block, and the dense
+# attention oracle, which compiles fastest. Resume itself is tree-generic: every leaf takes one path.
+RUN_SETTINGS = ["model.dim=32", "model.n_layers=2", 'model.layer_types=["csa","hca"]', "model.n_hash_layers=1",
+                "model.n_mtp_layers=0", "model.hca_ratio=8", "model.n_heads=2", "model.head_dim=16",
+                "model.rope_head_dim=8", "model.q_lora_rank=16", "model.o_lora_rank=8", "model.window_size=8",
+                "model.index_n_heads=2", "model.index_head_dim=16", "model.index_topk=3",
+                "model.n_routed_experts=4", "model.moe_inter_dim=16", "model.vocab_size=260",
+                "runtime.attention=reference", "tokenizer=byte", "seq_len=32", "batch_size=2", "total_steps=8",
+                "optim.total_steps=8", "optim.decay_start=6", "optim.warmup_steps=2", "dense_attention_steps=0",
+                "indexer_warmup_steps=0", "log_every=1", "eval_every=100", "eval_batches=2", "checkpoint_every=3",
+                "async_checkpointing=false"]
 
 
 def _script(name):

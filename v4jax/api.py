@@ -51,40 +51,67 @@ def _runtime(runtime: Runtime | None, options: dict) -> Runtime:
     return Runtime.from_dict({**rt.to_dict(), **options}) if options else rt
 
 
+def init_variables(cfg: V4Config, seed: int = 0, runtime: Runtime | None = None, shardings=None) -> dict:
+    """Freshly initialised ``{"params", "buffers"}`` (spec 4 / techniques 1.5). ``shardings``: a
+    matching tree of ``NamedSharding`` (``v4jax.parallel.variables_shardings``): every leaf is
+    created on its devices, sharded (the values equal the unsharded ones).
+
+    The init key uses XLA's RngBitGenerator (``impl="rbg"``), which compiles about twice as fast
+    as threefry on CPU; results are deterministic for a given seed and backend."""
+    module = Transformer(cfg, runtime or Runtime())
+    init = lambda key: nn.meta.unbox(module.init(key, jnp.zeros((1, 4), jnp.int32)))
+    fn = jax.jit(init) if shardings is None else jax.jit(init, out_shardings=shardings)
+    return fn(jax.random.key(seed, impl="rbg"))
+
+
 class V4Model:
     """A DeepSeek-V4 model: ``cfg`` (``V4Config``, the architecture), ``variables``
     (``{"params", "buffers"}``, layers stacked as in ``v4jax.model.layout``) and ``runtime``
     (``Runtime``: which attention / MoE implementation, remat policy). Runtime options may also be
-    given as keywords: ``V4Model(cfg, variables, attention="reference")``."""
+    given as keywords: ``V4Model(cfg, variables, attention="reference")``.
 
-    def __init__(self, cfg: V4Config, variables: dict, runtime: Runtime | None = None, **options):
+    ``mesh``: the device mesh the variables live on (``model.shard(mesh)`` places them); every
+    call then runs under it (tensor / expert parallel, the cache split over the batch)."""
+
+    def __init__(self, cfg: V4Config, variables: dict, runtime: Runtime | None = None, mesh=None, **options):
         from v4jax.model.layout import stack_variables
+        from v4jax.parallel.mesh import under_mesh
 
         self.cfg = cfg
         self.runtime = _runtime(runtime, options)
         self.module = Transformer(cfg, self.runtime)
+        self.mesh = mesh
         self.variables = stack_variables(cfg, variables)   # accepts the per-layer layout too
-        self._forward = jax.jit(self._pure_forward, static_argnames=("with_mtp",))
-        self._extend = jax.jit(self._pure_extend)
+        wrap = (lambda f: f) if mesh is None else (lambda f: under_mesh(f, mesh))
+        self._forward = wrap(jax.jit(self._pure_forward, static_argnames=("with_mtp",)))
+        self._extend = wrap(jax.jit(self._pure_extend))
         # the decode step consumes its cache (donated: the ring and compressor rows update in place)
-        self._decode = jax.jit(self._pure_decode, donate_argnums=(2,), static_argnames=("temperature", "top_p"))
+        self._decode = wrap(jax.jit(self._pure_decode, donate_argnums=(2,), static_argnames=("temperature", "top_p")))
 
     def with_runtime(self, runtime: Runtime | None = None, **options) -> "V4Model":
         """The same weights under other implementation choices."""
-        return V4Model(self.cfg, self.variables, _runtime(runtime or self.runtime, options))
+        return V4Model(self.cfg, self.variables, _runtime(runtime or self.runtime, options), mesh=self.mesh)
+
+    def shard(self, mesh) -> "V4Model":
+        """The same model with its variables placed on ``mesh`` (a ``jax.sharding.Mesh`` or a spec
+        such as ``"tensor=2,expert=4"``) by the rules table; ``None``: back on one device."""
+        from v4jax.parallel.mesh import make_mesh, variables_shardings
+
+        if mesh is None:
+            return V4Model(self.cfg, jax.device_get(self.variables), self.runtime)
+        if not isinstance(mesh, jax.sharding.Mesh):
+            mesh = make_mesh(mesh)
+        variables = jax.device_put(self.variables, variables_shardings(self.cfg, mesh, self.variables))
+        return V4Model(self.cfg, variables, self.runtime, mesh=mesh)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
     def init(cls, cfg: V4Config, seed: int = 0, runtime: Runtime | None = None, **options) -> "V4Model":
         """Freshly initialised weights (training-from-scratch initialisation, spec 4 / techniques 1.5).
 
-        The init key uses XLA's RngBitGenerator (``impl="rbg"``), which compiles about twice as
-        fast as threefry on CPU; results are deterministic for a given seed and backend."""
+        See ``init_variables``."""
         rt = _runtime(runtime, options)
-        module = Transformer(cfg, rt)
-        init = jax.jit(module.init)
-        variables = nn.meta.unbox(init(jax.random.key(seed, impl="rbg"), jnp.zeros((1, 4), jnp.int32)))
-        return cls(cfg, variables, rt)
+        return cls(cfg, init_variables(cfg, seed, rt), rt)
 
     # -- forward --------------------------------------------------------------------------------
     def _pure_forward(self, variables, ids, ctx, with_mtp: bool):
@@ -131,8 +158,14 @@ class V4Model:
     def new_cache(self, batch: int, max_len: int, fmt: str = "native") -> dict:
         """An empty fixed-shape cache for ``batch`` sequences of up to ``max_len`` tokens.
         ``fmt="fp8"`` stores entries as FP8 e4m3 (rope dims bf16) and indexer keys as FP4, see
-        ``v4jax.attention.kv_format``."""
-        return init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype), fmt)
+        ``v4jax.attention.kv_format``. On a mesh the cache is split over the batch axes when
+        ``batch`` divides evenly (V4's KV is shared by all heads: there is no head axis to split)."""
+        cache = init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype), fmt)
+        if self.mesh is None:
+            return cache
+        from v4jax.parallel.mesh import cache_shardings
+
+        return jax.device_put(cache, cache_shardings(self.mesh, cache))
 
     def extend(self, ids, cache: dict, lengths=None):
         """Run the next chunk ``ids [B, T]`` of every sequence against ``cache``; returns

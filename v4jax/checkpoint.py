@@ -41,6 +41,10 @@ def restore_variables(mngr: ocp.CheckpointManager, step: int, cfg: V4Config) -> 
     abstract = abstract_variables(cfg)
     legacy = step_layout(mngr, step) == "per_layer"
     target = unstack_variables(cfg, abstract) if legacy else abstract
+    # onto the default device, whatever mesh wrote the step (orbax would otherwise rebuild the
+    # writer's sharding, which needs its devices); V4Model.shard(mesh) places it afterwards
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), target)
     state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     state = dict(state)
     return stack_variables(cfg, state) if legacy else state

@@ -19,6 +19,9 @@ Two models with the same config and variables give the same logits (within fp32 
   (save nothing), ``"save_matmuls"`` (keep matmul outputs without batch dims), ``"offload"``
   (move those matmul outputs to host memory; needs a backend with pinned host memory).
 * ``q_chunk``: query tokens per block of the ``xla`` attention (None: its default).
+* ``ep_capacity``: under a mesh with an ``expert`` axis (``v4jax.moe.expert_parallel``), None
+  (default): dropless, each device's expert blocks sized for every pair landing on it; a factor
+  ``c > 0``: sized for ``c`` times the balanced load, the pairs beyond dropped and counted.
 * ``unroll``: a layer stack of at most this many repeats is unrolled instead of looped (same
   parameters and values; the scan's per-iteration slicing and residual stacking dominate shallow
   stacks, and compile time only grows with the unrolled layers). ``0``: scan every stack.
@@ -44,6 +47,7 @@ class Runtime:
     remat: str = "none"
     q_chunk: int | None = None
     unroll: int = 2
+    ep_capacity: float | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -54,6 +58,10 @@ class Runtime:
             raise ValueError(f"Runtime.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.q_chunk is not None and (not isinstance(self.q_chunk, int) or self.q_chunk < 1):
             raise ValueError(f"Runtime.q_chunk must be a positive integer or None, got {self.q_chunk!r}")
+        if self.ep_capacity is not None and (isinstance(self.ep_capacity, bool)
+                                             or not isinstance(self.ep_capacity, (int, float))
+                                             or not self.ep_capacity > 0):
+            raise ValueError(f"Runtime.ep_capacity must be None or a number > 0, got {self.ep_capacity!r}")
         if not isinstance(self.unroll, int) or isinstance(self.unroll, bool) or self.unroll < 0:
             raise ValueError(f"Runtime.unroll must be an integer >= 0, got {self.unroll!r}")
 

@@ -2,11 +2,16 @@
 ``v4jax.layers.linear.param_with_axes``); this one rules table maps them onto mesh axes.
 
 Nothing is sharded unless a mesh is given: on one device every spec resolves to replicated.
-Mesh axes: ``data`` (batch), ``fsdp`` (parameter sharding), ``tensor`` (heads / mlp / vocab),
-``expert`` (expert parallel).
+Mesh axes (``MESH_AXES``): ``data`` (batch), ``fsdp`` (batch, and parameters / optimizer state
+sharded over ``embed``), ``expert`` (batch, and routed experts: expert parallel, see
+``v4jax.parallel.expert``), ``tensor`` (heads, MLP, vocabulary). ``v4jax.parallel.mesh`` builds
+meshes and shardings from this table; activations are constrained with the same names
+(``constrain``).
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import flax.linen as nn
 import jax
@@ -14,9 +19,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from v4jax.config import V4Config
 
+# Mesh axis names, outermost first (``tensor`` innermost: its collectives are the most frequent).
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")   # the axes the batch is split over
+
 # logical axis -> mesh axis (or None = replicated). One table for the whole model.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    # activations (``constrain``)
+    ("batch", BATCH_AXES),
+    ("act_seq", None),
+    ("act_hc", None),
+    ("act_embed", None),
+    # parameters
     ("layers", None),          # the stacked layer axis of a scanned stack (v4jax.model.layout)
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -37,6 +51,29 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 LOGICAL_AXES = tuple(name for name, _ in RULES)
 
+# the residual streams [B, T, hc, d] at every layer boundary
+STREAM_AXES = ("batch", "act_seq", "act_hc", "act_embed")
+
+
+def rules_for(mesh: Mesh | None, rules=RULES):
+    """``rules`` with the mesh axes that ``mesh`` lacks (or has with size 1) dropped."""
+    present = set() if mesh is None else {a for a, n in mesh.shape.items() if n > 1}
+
+    def keep(axis):
+        if axis is None:
+            return None
+        if isinstance(axis, tuple):
+            kept = tuple(a for a in axis if a in present)
+            return kept or None
+        return axis if axis in present else None
+
+    return tuple((k, keep(v)) for k, v in rules)
+
+
+def to_mesh_spec(logical: tuple | PartitionSpec, mesh: Mesh, rules=RULES) -> PartitionSpec:
+    """A logical spec -> the ``PartitionSpec`` over ``mesh``'s axes."""
+    return nn.logical_to_mesh_axes(tuple(logical), rules_for(mesh, rules))
+
 
 def logical_specs(cfg: V4Config):
     """The logical ``PartitionSpec`` of every parameter (a pytree like ``params``)."""
@@ -48,17 +85,25 @@ def logical_specs(cfg: V4Config):
 
 def mesh_shardings(cfg: V4Config, mesh: Mesh, rules=RULES):
     """``NamedSharding`` per parameter for ``mesh``; mesh axes absent from the mesh are dropped."""
-    present = set(mesh.axis_names)
-
-    def keep(axis):
-        if axis is None:
-            return None
-        if isinstance(axis, tuple):
-            kept = tuple(a for a in axis if a in present)
-            return kept or None
-        return axis if axis in present else None
-
-    rules = tuple((k, keep(v)) for k, v in rules)
     specs = logical_specs(cfg)
-    to_mesh = lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules))
+    to_mesh = lambda spec: NamedSharding(mesh, to_mesh_spec(spec, mesh, rules))
     return jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+_ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("v4jax_mesh", default=None)
+
+
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``v4jax.parallel.mesh_context`` (None outside one)."""
+    return _ACTIVE.get()
+
+
+def constrain(x, logical_axes: tuple):
+    """``x`` constrained to the sharding its logical axes give under the active mesh
+    (``v4jax.parallel.mesh_context``); the identity when no mesh is active. (Not flax's
+    ``with_logical_constraint``: its rules live in a context of their own that jit's cache does
+    not see; here the mesh and this table are the whole input.)"""
+    mesh = _ACTIVE.get()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, to_mesh_spec(logical_axes, mesh)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from v4jax.attention import xla
 from v4jax.attention.compressor import entry_segments, visible_entries
@@ -26,6 +27,7 @@ from v4jax.attention.core import attention_reference, topk_to_mask, window_mask
 from v4jax.attention.indexer import indexer_scores, select_topk
 from v4jax.attention.indexer_loss import attention_mass, indexer_kl as indexer_kl_reference
 from v4jax.config import AttentionSpec
+from v4jax.sharding import active_mesh, to_mesh_spec
 
 
 def _entry_segments(segment_ids, ratio, n):
@@ -55,8 +57,10 @@ def select(impl: str, q, keys, weights, k: int, ratio: int, segment_ids=None):
     if impl == "pallas":
         import kernels_pallas as kp
 
-        scores = kp.indexer_scores(q, keys, weights, ratio=ratio, segment_ids=segment_ids, key_segment_ids=kseg)
-        return kp.indexer_topk(scores, k)
+        f = lambda q, keys, weights, seg, kseg: kp.indexer_topk(
+            kp.indexer_scores(q, keys, weights, ratio=ratio, segment_ids=seg, key_segment_ids=kseg), k)
+        return per_device(f, (q, keys, weights, segment_ids, kseg),
+                          (("batch", None, None, None), _KV, ("batch", None, None), _TOK, _TOK), ("batch", None, None))
     return xla.indexer_topk_xla(q, keys, weights, k, ratio=ratio, segment_ids=segment_ids, key_segment_ids=kseg)
 
 
@@ -94,21 +98,72 @@ def attend(impl: str, spec: AttentionSpec, q, kv, sink, comp, topk, ctx: SeqCont
                              segment_ids=seg, comp_segment_ids=cseg, q_chunk=q_chunk)
 
 
+def per_device(fn, args: tuple, logical: tuple, out_logical):
+    """``fn(*args)`` on each device's shard inside ``jax.shard_map`` under the active mesh (a Pallas
+    kernel is one opaque call that XLA's partitioner cannot split, so it is called per device).
+    ``logical``: per argument a tuple of logical axis names (``v4jax.sharding.RULES``) or None for a
+    replicated argument; ``out_logical``: the same for each output. An axis whose size the mesh
+    does not divide stays whole. Without a mesh, just ``fn(*args)``."""
+    mesh = active_mesh()
+    if mesh is None:
+        return fn(*args)
+
+    def spec(a, names):
+        if names is None or a is None:
+            return P()
+        resolved = []
+        for size, ax in zip(a.shape, to_mesh_spec(names, mesh)):
+            axes = () if ax is None else (ax if isinstance(ax, tuple) else (ax,))
+            n = 1
+            for x in axes:
+                n *= mesh.shape[x]
+            resolved.append(ax if ax is not None and size % n == 0 else None)
+        return P(*resolved)
+
+    in_specs = tuple(spec(a, n) for a, n in zip(args, logical))
+    # outputs: the axes of the first argument with the same logical name (q's batch and heads)
+    names = {n: ax for a, lg in zip(args, logical) if lg is not None and a is not None
+             for n, ax in zip(lg, spec(a, lg))}
+    out_spec = lambda lg: P(*(None if n is None else names.get(n) for n in lg))
+    out_specs = [out_spec(lg) for lg in out_logical] if isinstance(out_logical, list) else out_spec(out_logical)
+    out_specs = tuple(out_specs) if isinstance(out_specs, list) else out_specs
+    keep = [i for i, a in enumerate(args) if a is not None]
+
+    def body(*present):
+        full = [None] * len(args)
+        for i, a in zip(keep, present):
+            full[i] = a
+        return fn(*full)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs[i] for i in keep), out_specs=out_specs,
+                         check_vma=False)(*(args[i] for i in keep))
+
+
+_Q, _KV, _TOK = ("batch", "act_seq", "heads", None), ("batch", None, None), ("batch", None)
+_ATTN_OUT = [("batch", "act_seq", "heads", None), ("batch", "act_seq", "heads")]
+
+
 def _pallas_attend(spec: AttentionSpec, q, kv, sink, comp, topk, seg, dense):
     import kernels_pallas as kp
 
     if comp is None:
-        return kp.compressed_attention(q, kv, sink, None, ratio=1, window=spec.window, segment_ids=seg,
-                                       return_lse=True)
+        f = lambda q, kv, sink, seg: kp.compressed_attention(q, kv, sink, None, ratio=1, window=spec.window,
+                                                             segment_ids=seg, return_lse=True)
+        return per_device(f, (q, kv, sink, seg), (_Q, _KV, ("heads",), _TOK), _ATTN_OUT)
     ratio = spec.compressor.ratio
     cseg = _entry_segments(seg, ratio, comp.shape[1])
 
     def dense_fn(_=None):
-        return kp.compressed_attention(q, kv, sink, comp, ratio=ratio, window=spec.window, segment_ids=seg,
-                                       comp_segment_ids=cseg, return_lse=True)
+        f = lambda q, kv, sink, comp, seg, cseg: kp.compressed_attention(
+            q, kv, sink, comp, ratio=ratio, window=spec.window, segment_ids=seg, comp_segment_ids=cseg,
+            return_lse=True)
+        return per_device(f, (q, kv, sink, comp, seg, cseg), (_Q, _KV, ("heads",), _KV, _TOK, _TOK), _ATTN_OUT)
 
     def sparse_fn(_=None):
-        return kp.sparse_attention(q, kv, sink, comp, topk, window=spec.window, segment_ids=seg, return_lse=True)
+        f = lambda q, kv, sink, comp, topk, seg: kp.sparse_attention(q, kv, sink, comp, topk, window=spec.window,
+                                                                     segment_ids=seg, return_lse=True)
+        return per_device(f, (q, kv, sink, comp, topk, seg), (_Q, _KV, ("heads",), _KV, ("batch", None, None), _TOK),
+                          _ATTN_OUT)
 
     if dense is True:
         return dense_fn()

@@ -101,8 +101,13 @@ def ensure_prepared(data_dir: str | Path | None = None):
         shutil.rmtree(str(builder.data_dir))
         builder = load_builder(data_dir)
     log.info("preparing %s into %s", NAME, builder.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except FileExistsError:
+        # several processes (hosts, SLURM tasks) share data_dir and prepared it at once: another one
+        # moved its finished copy into place first (tfds builds in an incomplete.* directory)
+        log.info("%s in %s was prepared by another process", NAME, builder.data_dir)
     builder = load_builder(data_dir)            # re-read dataset_info.json / metadata from disk
     if not _is_current(builder):
         raise RuntimeError(f"prepared {NAME} in {builder.data_dir} does not match the shipped corpus")

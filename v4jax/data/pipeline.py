@@ -113,13 +113,18 @@ def _grain_seed(seed: int) -> int:
 class _Gather:
     """Row indices → batch dict; indices past a finite dataset's end (short last batch) become padding rows."""
 
-    def __init__(self, tokens, seg, batch_size, pad_id):
+    def __init__(self, tokens, seg, batch_size, pad_id, rows=None):
         self.tokens, self.seg, self.batch_size, self.pad_id = tokens, seg, batch_size, pad_id
+        self.rows = rows
 
     def __call__(self, idx):
         idx = np.asarray(idx, dtype=np.int64)
+        want = self.batch_size
+        if self.rows is not None:            # this process's rows [lo, hi) of the global batch
+            lo, hi = self.rows
+            idx, want = idx[lo:hi], hi - lo
         tokens, seg = self.tokens[idx], self.seg[idx]
-        short = self.batch_size - len(idx)
+        short = want - len(idx)
         if short:
             tokens = np.concatenate([tokens, np.full((short, tokens.shape[1]), self.pad_id, np.int32)])
             seg = np.concatenate([seg, np.zeros((short, seg.shape[1]), np.int32)])
@@ -130,7 +135,7 @@ class DataIterator:
     """Iterator of numpy batches ``{"tokens", "segment_ids"}`` (int32 ``[B, seq_len + 1]``) with an exact,
     JSON-able position: ``get_state()`` / ``set_state(state)``."""
 
-    def __init__(self, tokens, seg, *, settings: dict, pad_id: int):
+    def __init__(self, tokens, seg, *, settings: dict, pad_id: int, rows=None):
         import grain
 
         self.settings = settings
@@ -143,7 +148,7 @@ class DataIterator:
             ds = ds.shuffle(seed=_grain_seed(settings["seed"]))
         ds = ds.repeat(epochs)
         ds = ds.batch(b, drop_remainder=settings["drop_remainder"])
-        ds = ds.map(_Gather(tokens, seg, b, pad_id))
+        ds = ds.map(_Gather(tokens, seg, b, pad_id, rows))
         self.num_batches = None if epochs is None else len(ds)        # None: endless
         self.batches_per_epoch = self.num_rows / b
         self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
@@ -172,7 +177,7 @@ class DataIterator:
 
 def make_dataset(split: str = "train", seq_len: int = 256, batch_size: int = 8, seed: int = 0, data_dir=None,
                  tokenizer=None, shuffle: bool = True, num_epochs: int | None = None, *, shard_index: int = 0,
-                 num_shards: int = 1, drop_remainder: bool = False) -> DataIterator:
+                 num_shards: int = 1, drop_remainder: bool = False, rows: tuple[int, int] | None = None) -> DataIterator:
     """Batches ``{"tokens": int32 [B, seq_len+1], "segment_ids": int32 [B, seq_len+1]}`` of packed rows.
 
     * ``shuffle``: rows are permuted per epoch (a different permutation each epoch, fixed by ``seed``); batches may
@@ -180,6 +185,9 @@ def make_dataset(split: str = "train", seq_len: int = 256, batch_size: int = 8, 
     * ``num_epochs=None`` repeats forever. With a finite count the last short batch is padded with empty rows
       (segment 0, masked by ``loss_masks``) unless ``drop_remainder``; shapes stay static.
     * ``shard_index``/``num_shards``: this process gets rows ``shard_index::num_shards`` (e.g. per host).
+    * ``rows=(lo, hi)``: yield only rows ``[lo, hi)`` of each global batch (what one process of a
+      multi-host mesh feeds, ``v4jax.parallel.mesh.process_rows``); the order and the saved position
+      are those of the global iterator, so any number of processes sees the same global batches.
     * ``tokenizer``: ``None``/"bpe" (shipped 4096 BPE), "byte", a tokenizer.json path, or a tokenizer object.
     """
     if split not in SPLITS:
@@ -190,13 +198,15 @@ def make_dataset(split: str = "train", seq_len: int = 256, batch_size: int = 8, 
         raise ValueError(f"shard_index {shard_index} not in [0, {num_shards})")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
+    if rows is not None and not (0 <= rows[0] < rows[1] <= batch_size):
+        raise ValueError(f"rows {rows} is not a range within the batch of {batch_size}")
     tok = get_tokenizer(tokenizer)
     tokens, seg = packed_split(split, seq_len, data_dir, tok)
     settings = {"split": split, "seq_len": int(seq_len), "batch_size": int(batch_size), "seed": int(seed),
                 "shuffle": bool(shuffle), "num_epochs": num_epochs, "shard_index": int(shard_index),
                 "num_shards": int(num_shards), "drop_remainder": bool(drop_remainder),
                 "data": f"{corpus_sha256()[:12]}-{tok.fingerprint}-p{PACK_VERSION}"}
-    return DataIterator(tokens, seg, settings=settings, pad_id=tok.pad_id)
+    return DataIterator(tokens, seg, settings=settings, pad_id=tok.pad_id, rows=None if rows is None else tuple(rows))
 
 
 def make_eval_dataset(split: str = "validation", seq_len: int = 256, batch_size: int = 8, data_dir=None,

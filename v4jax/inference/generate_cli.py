@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-stop", action="store_true", help="do not stop at the eos token")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                    help="shard the model over a device mesh, e.g. tensor=4,expert=2 (sizes multiply to the device count)")
     a = ap.parse_args(argv)
 
     import v4jax
@@ -53,6 +55,13 @@ def main(argv=None) -> int:
         model = load_workdir(a.checkpoint, dtype=a.dtype)
     else:
         model = v4jax.load_hf(a.checkpoint, dtype=a.dtype)
+    if a.mesh is not None:
+        from v4jax.config import ConfigError
+
+        try:
+            model = model.shard(a.mesh)
+        except ConfigError as e:
+            ap.error(str(e))
     tok = _tokenizer(a.checkpoint)
     if a.prompt is not None:
         if tok is None:

@@ -19,6 +19,7 @@ from v4jax.hyper_connection import HyperConnection, expand
 from v4jax.layers.norms import RMSNorm
 from v4jax.moe.moe import MoE
 from v4jax.runtime import Runtime
+from v4jax.sharding import STREAM_AXES, constrain
 
 
 class Block(nn.Module):
@@ -38,7 +39,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.attention(self.layer_type), dt, pdt, self.runtime)
-        self.ffn = MoE(cfg.moe(self.hash_routed), dt, pdt, self.runtime.moe)
+        self.ffn = MoE(cfg.moe(self.hash_routed), dt, pdt, self.runtime.moe, self.runtime.ep_capacity)
 
     def _ffn(self, x, token_ids):
         u, post, comb = self.hc_ffn(x)
@@ -46,12 +47,14 @@ class Block(nn.Module):
         return expand(x, y, post, comb), stats
 
     def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray, ctx: SeqContext = SeqContext()):
+        x = constrain(x, STREAM_AXES)        # layer boundary: streams split over the batch axes
         u, post, comb = self.hc_attn(x)
         a, istats = self.attn(self.attn_norm(u), ctx)
         x, stats = self._ffn(expand(x, a, post, comb), token_ids)
-        return x, stats, istats
+        return constrain(x, STREAM_AXES), stats, istats
 
     def extend(self, x: jnp.ndarray, token_ids: jnp.ndarray, cache: dict, start, n_valid):
+        x = constrain(x, STREAM_AXES)
         u, post, comb = self.hc_attn(x)
         a, cache = self.attn.extend(self.attn_norm(u), cache, start, n_valid)
         x, _ = self._ffn(expand(x, a, post, comb), token_ids)

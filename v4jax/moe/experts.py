@@ -74,6 +74,7 @@ def experts_ragged(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, impl: 
     h = swiglu(mm(xs, w1), mm(xs, w3), limit)
     h = h * jnp.take(weights.reshape(-1), order)[:, None].astype(jnp.float32)
     ys = mm(h.astype(dtype), w2)
+    ys = ys * (jnp.take(flat, order) < E)[:, None]               # ids >= E: held elsewhere (expert parallel)
     return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token].add(ys)
 
 
@@ -85,19 +86,23 @@ def block_rows(n_pairs: int, n_experts: int) -> int:
     return min(MAX_BLOCK, 1 << (target.bit_length() - 1))
 
 
-def block_layout(idx: jnp.ndarray, n_experts: int, b: int):
+def block_layout(idx: jnp.ndarray, n_experts: int, b: int, capacity: int | None = None):
     """The block dispatch plan of idx ``[N, K]`` (static ``b`` rows per block).
 
     Returns (slot_pair ``[S]``: the flat (token * K + k) pair in each of the ``S = nb * b`` slots,
-    slot_valid ``[S]`` bool, block_expert ``[nb]``, pair_slot ``[N, K]``: the slot of each pair).
-    Pairs are sorted by expert (stable); expert e owns ``ceil(count_e / b)`` consecutive blocks.
-    ``nb = (N K + E (b - 1)) // b`` bounds the blocks any routing can need (dropless)."""
+    slot_valid ``[S]`` bool, block_expert ``[nb]``, pair_slot ``[N, K]``: the slot of each pair,
+    pair_ok ``[N, K]`` bool: the pair has a slot). Pairs are sorted by expert (stable); expert e owns
+    ``ceil(count_e / b)`` consecutive blocks. Ids ``>= n_experts`` (experts held elsewhere, see
+    ``v4jax.moe.expert_parallel``) get no slot. ``nb = (capacity + E (b - 1)) // b`` blocks with
+    ``capacity = N K`` by default bound what any routing can need (dropless); a smaller capacity
+    leaves the pairs sorted past the last block without a slot (``pair_ok`` False)."""
     N, K = idx.shape
     E, M = n_experts, N * K
-    nb = (M + E * (b - 1)) // b
+    cap = M if capacity is None else min(int(capacity), M)
+    nb = max(1, (cap + E * (b - 1)) // b)
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)                      # sorted position -> pair
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)      # ids >= E are not counted
     start = jnp.cumsum(sizes) - sizes                            # first sorted position of e
     nblk = (sizes + b - 1) // b
     bend = jnp.cumsum(nblk)
@@ -109,16 +114,24 @@ def block_layout(idx: jnp.ndarray, n_experts: int, b: int):
     slot_valid = (off < sizes[e_s]) & (slot // b < bend[-1])
     slot_pair = order[jnp.where(slot_valid, start[e_s] + off, 0)]
     rank = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32), unique_indices=True)
-    pair_slot = bstart[flat] * b + rank - start[flat]
-    return slot_pair, slot_valid, block_expert, pair_slot.reshape(N, K)
+    fe = jnp.minimum(flat, E - 1)
+    pair_slot = bstart[fe] * b + rank - start[fe]
+    pair_ok = (flat < E) & (pair_slot < nb * b)
+    pair_slot = jnp.where(pair_ok, pair_slot, 0)
+    return slot_pair, slot_valid, block_expert, pair_slot.reshape(N, K), pair_ok.reshape(N, K)
 
 
-def experts_blocked(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, block: int | None = None):
-    """x ``[N, d]``, idx/weights ``[N, K]`` -> ``[N, d]`` (fp32). See the module docstring."""
+def experts_blocked(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, block: int | None = None,
+                    capacity: int | None = None, partial: bool = False, count: bool = False):
+    """x ``[N, d]``, idx/weights ``[N, K]`` -> ``[N, d]`` (fp32). See the module docstring.
+
+    ``partial``: ids ``>= E`` (experts held on other devices) contribute nothing here, and
+    ``capacity`` may cap the pairs placed (``block_layout``). ``count``: also return the number of
+    pairs placed in a block (computed)."""
     N, K = idx.shape
     E, d = w1.shape[0], x.shape[-1]
-    b = block or block_rows(N * K, E)
-    slot_pair, valid, be, pair_slot = block_layout(idx, E, b)
+    b = block or block_rows(N * K if capacity is None else int(capacity), E)
+    slot_pair, valid, be, pair_slot, pair_ok = block_layout(idx, E, b, capacity)
     nb = be.shape[0]
     take = lambda a, i: a.at[i].get(mode="promise_in_bounds")
     xs = take(x, slot_pair // K).astype(dtype).reshape(nb, b, d)
@@ -129,7 +142,11 @@ def experts_blocked(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, block
 
     h = swiglu(mm(xs, w1), mm(xs, w3), limit) * wv.reshape(nb, b, 1)
     ys = mm(h.astype(dtype), w2).reshape(nb * b, d)
-    return jnp.sum(take(ys, pair_slot), axis=1)                 # [N, K, d] -> [N, d]
+    got = take(ys, pair_slot)                                    # [N, K, d]
+    if partial or capacity is not None:
+        got = got * pair_ok[..., None]
+    y = jnp.sum(got, axis=1)
+    return (y, jnp.sum(valid.astype(jnp.int32))) if count else y
 
 
 def experts_dense(x, idx, weights, w1, w2, w3, limit):

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import MoESpec
+from v4jax.sharding import active_mesh
 from v4jax.layers.linear import Linear, default_init, param_with_axes
 from v4jax.moe.experts import experts_blocked, experts_dense, experts_ragged, resolve_impl, swiglu
+from v4jax.moe.expert_parallel import expert_shards, experts_expert_parallel
 from v4jax.moe.router import affinity, gate_weights, hash_route, sequence_balance_stats, topk_route
 
 
@@ -63,12 +65,17 @@ class SharedExpert(nn.Module):
 
 class Experts(nn.Module):
     """Stacked routed experts ``w1, w3 [E, d, I]``, ``w2 [E, I, d]``; each expert is its own matrix.
-    ``impl`` (``Runtime.moe``): "auto", "blocked", "ragged", "tokamax" or "dense" (``resolve_impl``)."""
+    ``impl`` (``Runtime.moe``): "auto", "blocked", "ragged", "tokamax" or "dense" (``resolve_impl``).
+    Under a mesh with an ``expert`` axis the experts run expert-parallel
+    (``v4jax.moe.expert_parallel``; ``ep_capacity``: None = dropless).
+
+    ``(x [N, d], idx [N, K], weights [N, K]) -> (y [N, d], pairs placed: int32 scalar)``."""
 
     spec: MoESpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
+    ep_capacity: float | None = None
 
     @nn.compact
     def __call__(self, x, idx, weights):
@@ -78,21 +85,29 @@ class Experts(nn.Module):
         w3 = param_with_axes(self, "w3", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
         w2 = param_with_axes(self, "w2", default_init, (E, I, d), ("experts", "mlp", "embed"), self.param_dtype)
         impl = resolve_impl(self.impl)
+        mesh = active_mesh()
+        if expert_shards(mesh) > 1:
+            return experts_expert_parallel(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl, mesh,
+                                           self.ep_capacity)
+        all_pairs = jnp.asarray(idx.size, jnp.int32)
         if impl == "dense":   # the oracle: same values, E/K x the FLOPs
             return experts_dense(x, idx, weights, w1.astype(self.dtype), w2.astype(self.dtype),
-                                 w3.astype(self.dtype), s.swiglu_limit).astype(self.dtype)
+                                 w3.astype(self.dtype), s.swiglu_limit).astype(self.dtype), all_pairs
         if impl == "blocked":
-            return experts_blocked(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
-        return experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl)
+            return experts_blocked(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, count=True)
+        return experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl), all_pairs
 
 
 class MoE(nn.Module):
-    """x ``[B, T, d]``, token_ids ``[B, T]`` -> (y ``[B, T, d]``, stats ``{"balance", "load"}``)."""
+    """x ``[B, T, d]``, token_ids ``[B, T]`` -> (y ``[B, T, d]``, stats ``{"balance", "load",
+    "dropped"}``; ``dropped``: (token, expert) pairs the dispatch did not compute, 0 unless an
+    expert-parallel capacity is set)."""
 
     spec: MoESpec
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     impl: str = "auto"
+    ep_capacity: float | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, token_ids: jnp.ndarray):
@@ -100,11 +115,12 @@ class MoE(nn.Module):
         B, T, d = x.shape
         scores, idx, weights = Gate(s, name="gate")(x, token_ids)
         E = s.n_experts
-        routed = Experts(s, self.dtype, self.param_dtype, self.impl, name="experts")(
-            x.reshape(B * T, d), idx.reshape(B * T, -1), weights.reshape(B * T, -1)).reshape(B, T, d)
-        y = routed
+        routed, placed = Experts(s, self.dtype, self.param_dtype, self.impl, self.ep_capacity, name="experts")(
+            x.reshape(B * T, d), idx.reshape(B * T, -1), weights.reshape(B * T, -1))
+        y = routed.reshape(B, T, d)
         if s.n_shared > 0:
             y = y + SharedExpert(s, self.dtype, self.param_dtype, name="shared_experts")(x).astype(jnp.float32)
         f, p, load = sequence_balance_stats(scores, idx, E)
-        stats = {"balance": jnp.mean(jnp.sum(f * p, axis=-1)), "load": load}
+        stats = {"balance": jnp.mean(jnp.sum(f * p, axis=-1)), "load": load,
+                 "dropped": jnp.asarray(idx.size, jnp.int32) - placed}
         return y.astype(self.dtype), stats

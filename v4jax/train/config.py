@@ -62,6 +62,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
+    # devices: None (one device) or a mesh spec "data=2,fsdp=2,expert=2" (v4jax.parallel.mesh);
+    # not part of the run's identity: a checkpoint restores onto any mesh
+    mesh: str | None = None
 
     def __post_init__(self):
         def need(cond, fld, rule):
@@ -80,6 +83,13 @@ class TrainConfig:
         need(self.eval_batches is None or self.eval_batches >= 1, "eval_batches", "must be None or >= 1")
         need(self.seq_len + 1 <= self.model.max_seq_len, "seq_len", "must be < model.max_seq_len")
         need(self.model.dtype in ("float32", "bfloat16"), "model", "dtype must be float32 or bfloat16")
+        if self.mesh is not None:
+            from v4jax.parallel.mesh import parse_mesh
+
+            try:
+                parse_mesh(self.mesh)
+            except ConfigError as e:
+                raise ConfigError(f"TrainConfig.mesh: {e}") from None
         has_csa = "csa" in self.model.layer_types
         need(has_csa or self.indexer_warmup_steps == 0, "indexer_warmup_steps",
              "must be 0 for a model without CSA layers")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from v4jax.sharding import logical_specs
 from v4jax.train.config import TrainConfig
 from v4jax.train.metrics import MetricsWriter
 from v4jax.train.optimizer import lr_schedule, make_optimizer
@@ -67,8 +68,14 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state: dict, cfg: TrainConfig, 
     return step
 
 
-def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, cfg: TrainConfig, tx):
-    """-> (state, data-iterator state) of checkpoint ``step``."""
+def _placed(abstract, shardings):
+    """``ShapeDtypeStruct`` targets carrying the shardings to restore onto."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, cfg: TrainConfig, tx, mesh=None):
+    """-> (state, data-iterator state) of checkpoint ``step``, restored straight onto ``mesh``'s
+    shardings (any mesh: orbax reshards on read) or onto the default device."""
     from v4jax.checkpoint import CheckpointLayoutError, step_layout
     from v4jax.params import abstract_variables
 
@@ -81,6 +88,16 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, cfg: TrainConfig,
     abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
     abstract_train = {"opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
                       "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    if mesh is None:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract_vars = _placed(abstract_vars, jax.tree.map(lambda _: one, abstract_vars))
+        abstract_train = _placed(abstract_train, jax.tree.map(lambda _: one, abstract_train))
+    else:
+        from v4jax.train.step import state_shardings
+
+        sh = state_shardings(cfg, tx, mesh)
+        abstract_vars = _placed(abstract_vars, {k: sh[k] for k in abstract_vars})
+        abstract_train = _placed(abstract_train, {k: sh[k] for k in abstract_train})
     got = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_vars), train_state=ocp.args.StandardRestore(abstract_train),
         meta=ocp.args.JsonRestore()))
@@ -96,8 +113,10 @@ def abstract_params(cfg: TrainConfig):
     return abstract_variables(cfg.model)["params"]
 
 
-def make_data(cfg: TrainConfig, split: str):
-    """The endless shuffled training iterator, or one fixed-order pass over ``split``."""
+def make_data(cfg: TrainConfig, split: str, mesh=None):
+    """The endless shuffled training iterator, or one fixed-order pass over ``split``. With several
+    processes each reads only the rows of the global batch its devices hold (the global batches,
+    and so the losses, are the same for any number of processes)."""
     from v4jax.data.pipeline import make_dataset, make_eval_dataset
     from v4jax.data.tokenizer import get_tokenizer
 
@@ -107,25 +126,32 @@ def make_data(cfg: TrainConfig, split: str):
 
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {vocab} ids but model.vocab_size is "
                           f"{cfg.model.vocab_size}")
+    rows = None
+    if mesh is not None and jax.process_count() > 1:
+        from v4jax.parallel.mesh import process_rows
+
+        rows = process_rows(mesh, cfg.batch_size)
     if split == "train":
         return make_dataset("train", cfg.seq_len, cfg.batch_size, seed=cfg.seed, data_dir=cfg.data_dir,
-                            tokenizer=cfg.tokenizer, shuffle=True)
-    return make_eval_dataset(split, cfg.seq_len, cfg.batch_size, data_dir=cfg.data_dir, tokenizer=cfg.tokenizer)
+                            tokenizer=cfg.tokenizer, shuffle=True, rows=rows)
+    return make_eval_dataset(split, cfg.seq_len, cfg.batch_size, data_dir=cfg.data_dir, tokenizer=cfg.tokenizer,
+                             rows=rows)
 
 
 def evaluate(cfg: TrainConfig, params, buffers, stage: str, eval_fn=None, split: str = "validation",
-             max_batches: int | None = None) -> dict:
+             max_batches: int | None = None, mesh=None) -> dict:
     """Mean next-token loss (and perplexity; MTP loss too) over ``split``, with the attention of
-    ``stage`` (dense CSA before the sparse stage)."""
+    ``stage`` (dense CSA before the sparse stage); on ``mesh`` when given."""
+    from v4jax.parallel.mesh import put_batch
     from v4jax.train.config import STAGES
 
-    eval_fn = eval_fn or make_eval_step(cfg)
+    eval_fn = eval_fn or make_eval_step(cfg, mesh=mesh)
     sid = jnp.int32(STAGES.index(stage))
     tot = {}
-    for i, batch in enumerate(make_data(cfg, split)):
+    for i, batch in enumerate(make_data(cfg, split, mesh)):
         if max_batches is not None and i >= max_batches:
             break
-        res = jax.device_get(eval_fn(params, buffers, _device(batch), sid))
+        res = jax.device_get(eval_fn(params, buffers, put_batch(batch, mesh, cfg.batch_size), sid))
         for k, v in res.items():
             tot[k] = tot.get(k, 0.0) + float(v)
     if not tot.get("tokens"):
@@ -137,36 +163,40 @@ def evaluate(cfg: TrainConfig, params, buffers, stage: str, eval_fn=None, split:
     return out
 
 
-def _device(batch: dict) -> dict:
-    return {"tokens": jnp.asarray(batch["tokens"], jnp.int32),
-            "segment_ids": jnp.asarray(batch["segment_ids"], jnp.int32)}
-
-
 def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress: bool = True,
           log=print, max_consecutive_skips: int = 20) -> RunResult:
     """Train until global step ``stop_step`` (default ``cfg.total_steps``), resuming from the
     latest checkpoint in ``workdir`` when there is one."""
+    from v4jax.parallel.mesh import batch_sharding, describe, make_mesh, put_batch
+
+    mesh = make_mesh(cfg.mesh) if cfg.mesh else None
+    if mesh is not None:
+        batch_sharding(mesh, cfg.batch_size)          # batch_size must split evenly: fail before any work
+    primary = jax.process_index() == 0          # several processes: process 0 logs and writes the files
+    if not primary:
+        log, progress = (lambda *a, **k: None), False
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     stop = cfg.total_steps if stop_step is None else stop_step
-    tx = make_optimizer(cfg.optim, abstract_params(cfg))
+    tx = make_optimizer(cfg.optim, abstract_params(cfg), logical_specs(cfg.model))
     lr_fn = lr_schedule(cfg.optim)
     mngr = checkpoint_manager(workdir, cfg)
-    data = make_data(cfg, "train")
+    data = make_data(cfg, "train", mesh)
     writer = MetricsWriter(workdir)
     latest = mngr.latest_step()
     if latest is None:
-        cfg.to_json(os.path.join(workdir, CONFIG_FILE))
-        state = init_state(cfg, tx)
+        if primary:
+            cfg.to_json(os.path.join(workdir, CONFIG_FILE))
+        state = init_state(cfg, tx, mesh=mesh)
         writer.truncate_after(0)
-        log(f"v4jax-train: new run {cfg.name!r} in {workdir} (steps {0} -> {stop})")
+        log(f"v4jax-train: new run {cfg.name!r} in {workdir} (steps {0} -> {stop}) on {describe(mesh)}")
     else:
-        state, data_state = restore_checkpoint(mngr, latest, cfg, tx)
+        state, data_state = restore_checkpoint(mngr, latest, cfg, tx, mesh)
         data.set_state(data_state)
         writer.truncate_after(latest)
-        log(f"v4jax-train: resumed {workdir} at step {latest} (-> {stop})")
+        log(f"v4jax-train: resumed {workdir} at step {latest} (-> {stop}) on {describe(mesh)}")
     step = int(state["step"])
-    train_step, eval_fn = make_train_step(cfg, tx, None, lr_fn), make_eval_step(cfg)
+    train_step, eval_fn = make_train_step(cfg, tx, None, lr_fn, mesh=mesh), make_eval_step(cfg, mesh=mesh)
     seen_stages = set()
     skipped = consecutive = 0
     last_loss = eval_loss = None
@@ -176,7 +206,8 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
 
         bar = tqdm(total=stop, initial=step, unit="step", dynamic_ncols=True)
     if latest is None and stop > 0:   # the starting point (about ln(vocab) for a fresh model)
-        res = evaluate(cfg, state["params"], state["buffers"], cfg.stage(0), eval_fn, max_batches=cfg.eval_batches)
+        res = evaluate(cfg, state["params"], state["buffers"], cfg.stage(0), eval_fn, max_batches=cfg.eval_batches,
+                       mesh=mesh)
         writer.write({"step": 0, "eval": True, "split": "validation", **res})
         log(f"v4jax-train: step 0: validation loss {res['loss']:.4f} (ppl {res['perplexity']:.2f})")
     window_t, window_tokens, acc = time.perf_counter(), 0, []
@@ -186,11 +217,11 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
             if stage not in seen_stages:
                 seen_stages.add(stage)
                 log(f"v4jax-train: step {step}: stage {stage!r}")
-            batch = _device(next(data))
+            batch = put_batch(next(data), mesh, cfg.batch_size)
             state, metrics = train_step(state, batch)
             step += 1
             acc.append(metrics)
-            window_tokens += int(np.prod(batch["tokens"].shape)) - batch["tokens"].shape[0]
+            window_tokens += cfg.batch_size * cfg.seq_len
             if step % cfg.log_every == 0 or step == stop:
                 rows = jax.device_get(acc)
                 acc = []
@@ -219,7 +250,7 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
                 bar.update(1)
             if step % cfg.eval_every == 0 or step == stop:
                 res = evaluate(cfg, state["params"], state["buffers"], cfg.stage(step - 1), eval_fn,
-                               max_batches=cfg.eval_batches)
+                               max_batches=cfg.eval_batches, mesh=mesh)
                 eval_loss = res["loss"]
                 writer.write({"step": step, "eval": True, "split": "validation", **res})
                 log(f"v4jax-train: step {step}: validation loss {res['loss']:.4f} (ppl {res['perplexity']:.2f})")

@@ -13,16 +13,21 @@ class MetricsWriter:
     """Appends rows; on resume from step S, ``truncate_after(S)`` first drops rows logged after the
     checkpoint (they are recomputed), so the file always describes one consistent run."""
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, tensorboard: bool = True, primary: bool | None = None):
+        if primary is None:   # several processes share the workdir: only process 0 writes
+            import jax
+
+            primary = jax.process_index() == 0
+        self.primary = primary
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
-        if tensorboard:
+        if tensorboard and primary:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
 
     def truncate_after(self, step: int) -> None:
-        if not os.path.exists(self.path):
+        if not self.primary or not os.path.exists(self.path):
             return
         rows = read_metrics(os.path.dirname(self.path))
         keep = [r for r in rows if r["step"] <= step]
@@ -32,6 +37,8 @@ class MetricsWriter:
         os.replace(self.path + ".tmp", self.path)
 
     def write(self, row: dict) -> None:
+        if not self.primary:
+            return
         row = {k: _plain(v) for k, v in row.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -155,7 +155,7 @@ def _view_for(views: Views, path: str, leaf) -> MatrixView:
 
 def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: float = 0.18,
                           eps: float = 1e-7, matmul_dtype=jnp.float32,
-                          bucket: bool = True) -> optax.GradientTransformation:
+                          bucket: bool = True, axes: Mapping[str, tuple] | None = None) -> optax.GradientTransformation:
     """Stateless: each logical matrix ``U [n, m]`` of each leaf -> ``rms_scale sqrt(max(n, m)) HybridNS(U)``
     (so every logical matrix's update has RMS ``rms_scale``). ``views``: ``None`` (the last two axes are
     the matrix, leading axes batch), a ``{path: MatrixView}`` mapping, or ``f(path, leaf) -> MatrixView``.
@@ -165,23 +165,44 @@ def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: f
     instead of 124, e.g. all 7 x 3 x 16 routed experts in one). Each matrix is still orthogonalised on its
     own (tested equal to ``bucket=False``). The concatenation copies the updates once; with sharded
     leaves it may also move data, so ``bucket=False`` runs NS leaf by leaf.
+
+    Under a mesh (``v4jax.parallel.mesh_context``) Newton-Schulz needs whole matrices: each leaf is
+    orthogonalised on its own with its matrices gathered (the two matrix axes replicated) while its
+    leading axes keep their sharding (``axes``: ``{path: logical axis names}``): routed experts stay
+    split over ``expert`` and run leaf by leaf; leaves with no split leading axis are gathered whole
+    and bucketed as on one device (every device then runs their NS: the gather's price besides the
+    bytes, which ``v4jax.parallel.plan`` reports).
     """
+    from v4jax.sharding import active_mesh, constrain, to_mesh_spec
 
     def update_fn(updates, state, params=None):
         del params
         flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        mesh = active_mesh()
         todo = []     # per leaf: (view, matrices [K, short, long], transposed, [*lead, n, m])
-        for path, u in flat:
-            view = _view_for(views, path_str(path), u)
+        outs = [None] * len(flat)
+        for i, (path, u) in enumerate(flat):
+            p = path_str(path)
+            view = _view_for(views, p, u)
             y = view.to_matrices(u)
             tall = y.shape[-2] > y.shape[-1]
             if tall:
                 y = jnp.swapaxes(y, -1, -2)
+            if mesh is not None:
+                lead = tuple(axes[p][:view.batch]) if axes and p in axes else (None,) * view.batch
+                if any(a is not None for a in to_mesh_spec(lead, mesh)):
+                    # leading axes stay split (experts on their devices), each matrix gathered
+                    y = constrain(y, lead + (None, None, None))
+                    o = hybrid_newton_schulz(y, coeffs, eps, matmul_dtype) * (rms_scale * math.sqrt(y.shape[-1]))
+                    outs[i] = view.from_matrices(jnp.swapaxes(o, -1, -2) if tall else o)
+                    todo.append(None)
+                    continue
+                y = constrain(y, (None,) * y.ndim)                   # whole leaf gathered, then bucketed
             todo.append((view, y.reshape(-1, *y.shape[-2:]), tall, y.shape))
         groups: dict = {}
-        for i, (_, y, _, _) in enumerate(todo):
-            groups.setdefault((y.shape[1:], y.dtype) if bucket else i, []).append(i)
-        outs = [None] * len(todo)
+        for i, item in enumerate(todo):
+            if item is not None:
+                groups.setdefault((item[1].shape[1:], item[1].dtype) if bucket else i, []).append(i)
         for members in groups.values():
             ys = [todo[i][1] for i in members]
             o = hybrid_newton_schulz(ys[0] if len(ys) == 1 else jnp.concatenate(ys), coeffs, eps, matmul_dtype)
@@ -198,7 +219,7 @@ def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: f
 
 def scale_by_v4_muon(momentum: float = 0.95, coeffs=V4_NS_COEFFS, rms_scale: float = 0.18,
                      views: Views = None, eps: float = 1e-7, matmul_dtype=jnp.float32,
-                     mu_dtype=None, bucket: bool = True) -> optax.GradientTransformation:
+                     mu_dtype=None, bucket: bool = True, axes=None) -> optax.GradientTransformation:
     """DeepSeek-V4 Algorithm 1 without weight decay and learning rate (chain those after it):
     ``M <- mu M + G``; ``O = rms_scale sqrt(max(n, m)) HybridNS(mu M + G)`` per logical matrix.
 
@@ -207,7 +228,7 @@ def scale_by_v4_muon(momentum: float = 0.95, coeffs=V4_NS_COEFFS, rms_scale: flo
     ``(TraceState(trace=M), EmptyState())``.
     """
     return optax.chain(optax.trace(momentum, nesterov=True, accumulator_dtype=mu_dtype),
-                       orthogonalize_updates(views, coeffs, rms_scale, eps, matmul_dtype, bucket))
+                       orthogonalize_updates(views, coeffs, rms_scale, eps, matmul_dtype, bucket, axes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,14 +407,19 @@ def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
                                 [cfg.warmup_steps, cfg.decay_start])
 
 
-def make_optimizer(cfg: OptimizerConfig, params) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, params, axes=None) -> optax.GradientTransformation:
     """The V4 optimizer for ``params`` (the ``"params"`` collection; arrays or ``ShapeDtypeStruct``s,
-    used for the labels and the logical-matrix views only). Raises for a parameter path with no rule."""
+    used for the labels and the logical-matrix views only). Raises for a parameter path with no rule.
+    ``axes``: the parameters' logical axis names (``v4jax.sharding.logical_specs``), which Muon
+    uses under a mesh to keep expert matrices on their devices."""
     param_labels(params)  # fail now, not inside jit, on an unknown parameter
+    if axes is not None:
+        axes = {path_str(p): tuple(spec) for p, spec in jax.tree_util.tree_flatten_with_path(
+            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
     schedule = lr_schedule(cfg)
     muon = optax.chain(
         scale_by_v4_muon(cfg.muon_momentum, cfg.muon_ns_coeffs, cfg.muon_rms, views=matrix_views(params),
-                         matmul_dtype=jnp.dtype(cfg.muon_ns_dtype), bucket=cfg.muon_bucket),
+                         matmul_dtype=jnp.dtype(cfg.muon_ns_dtype), bucket=cfg.muon_bucket, axes=axes),
         optax.add_decayed_weights(cfg.weight_decay),
         optax.scale_by_learning_rate(schedule),
     )

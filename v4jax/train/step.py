@@ -65,15 +65,47 @@ def _mask_by_path(new, old, sid):
     return jax.tree_util.tree_map_with_path(pick, new, old)
 
 
-def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, variables: dict | None = None) -> State:
-    """Fresh state: model variables (``V4Model.init`` with ``cfg.seed``) and optimizer state."""
-    if variables is None:
-        from v4jax.api import V4Model
+def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, variables: dict | None = None,
+               mesh=None) -> State:
+    """Fresh state: model variables (``V4Model.init`` with ``cfg.seed``) and optimizer state.
+    With ``mesh`` every leaf is created directly with its sharding (``state_shardings``): no
+    device ever holds a full copy of a sharded parameter; the values equal the one-device ones."""
+    from v4jax.api import init_variables
 
-        variables = V4Model.init(cfg.model, seed=cfg.seed).variables
-    params = variables["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": variables.get("buffers", {}),
-            "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(cfg.seed))}
+    if mesh is None:
+        if variables is None:
+            variables = init_variables(cfg.model, cfg.seed, cfg.runtime)
+        params = variables["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": variables.get("buffers", {}),
+                "opt_state": tx.init(params), "rng": jax.random.key_data(jax.random.key(cfg.seed))}
+    sh = state_shardings(cfg, tx, mesh)
+    if variables is None:
+        variables = init_variables(cfg.model, cfg.seed, cfg.runtime,
+                                   shardings={"params": sh["params"], "buffers": sh["buffers"]})
+    else:
+        variables = jax.device_put({"params": variables["params"], "buffers": variables.get("buffers", {})},
+                                   {"params": sh["params"], "buffers": sh["buffers"]})
+    opt_state = jax.jit(tx.init, out_shardings=sh["opt_state"])(variables["params"])
+    rng = jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), sh["rng"])
+    return {"step": jax.device_put(jnp.zeros((), jnp.int32), sh["step"]), "params": variables["params"],
+            "buffers": variables["buffers"], "opt_state": opt_state, "rng": rng}
+
+
+def abstract_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> State:
+    """The train state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves; nothing allocated)."""
+    from v4jax.params import abstract_variables
+
+    v = abstract_variables(cfg.model)
+    return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": v["params"], "buffers": v.get("buffers", {}),
+            "opt_state": jax.eval_shape(tx.init, v["params"]),
+            "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+
+
+def state_shardings(cfg: TrainConfig, tx: optax.GradientTransformation, mesh) -> State:
+    """``NamedSharding`` of every train-state leaf on ``mesh`` (``v4jax.parallel.mesh``)."""
+    from v4jax.parallel.mesh import state_shardings as _shardings
+
+    return _shardings(cfg.model, mesh, abstract_state(cfg, tx))
 
 
 def _forward_losses(cfg: TrainConfig, stage, params, buffers, batch, step):
@@ -117,9 +149,11 @@ def _forward_losses(cfg: TrainConfig, stage, params, buffers, batch, step):
 
 
 def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: str | None = None,
-                    lr_fn: Callable | None = None, jit: bool = True):
+                    lr_fn: Callable | None = None, jit: bool = True, mesh=None):
     """``train_step(state, batch) -> (state, metrics)``. The curriculum stage follows
-    ``state["step"]`` (one compiled function for the whole run) unless ``stage`` pins one."""
+    ``state["step"]`` (one compiled function for the whole run) unless ``stage`` pins one.
+    ``mesh``: compiled for that mesh (state in ``state_shardings``, batch split over the batch
+    axes, metrics replicated), traced and run under ``mesh_context``."""
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
@@ -154,19 +188,34 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
         metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.int32), "stage": jnp.asarray(sid, jnp.int32), **aux}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(step)
+        metrics["moe_dropped"] = sum(jnp.sum(st["dropped"]) for st in stats) + (
+            0 if mtp_stats is None else jnp.sum(mtp_stats["dropped"]))
         loads = [st["load"] for i, st in enumerate(stats) if not cfg.model.is_hash_layer(i)]
         if loads:   # max/mean expert load of the learned-routing layers (1 = perfectly balanced)
             ld = jnp.stack(loads).astype(jnp.float32)
             metrics["max_load"] = jnp.mean(jnp.max(ld, -1) / jnp.maximum(jnp.mean(ld, -1), 1e-9))
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,)) if jit else train_step
+    if not jit:
+        return train_step
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0,))
+    from v4jax.parallel.mesh import batch_sharding, replicated, under_mesh
+
+    sh = state_shardings(cfg, tx, mesh)
+    bsh = batch_sharding(mesh, cfg.batch_size)
+    step_fn = jax.jit(train_step, donate_argnums=(0,), in_shardings=(sh, {"tokens": bsh, "segment_ids": bsh}),
+                      out_shardings=(sh, replicated(mesh)))
+    return under_mesh(step_fn, mesh)
 
 
-def make_eval_step(cfg: TrainConfig, jit: bool = True):
+
+
+def make_eval_step(cfg: TrainConfig, jit: bool = True, mesh=None):
     """``eval_step(params, buffers, batch, stage_id) -> sums`` (``lm_sum``, ``tokens``,
     ``mtp_sum``, ``mtp_tokens``) so that evaluation over many batches averages per token; the
-    stage (traced) picks the attention: dense CSA before the sparse stage."""
+    stage (traced) picks the attention: dense CSA before the sparse stage. ``mesh``: run there
+    (parameters and batch as they come, sharded or not)."""
 
     def eval_step(params, buffers, batch, sid):
         model = Transformer(cfg.model, cfg.runtime)
@@ -183,7 +232,11 @@ def make_eval_step(cfg: TrainConfig, jit: bool = True):
             res["mtp_sum"], res["mtp_tokens"] = masked_cross_entropy(out["mtp_logits"], mtp_targets, mtp_mask)
         return res
 
-    return jax.jit(eval_step) if jit else eval_step
+    if not jit:
+        return eval_step
+    from v4jax.parallel.mesh import under_mesh
+
+    return jax.jit(eval_step) if mesh is None else under_mesh(jax.jit(eval_step), mesh)
 
 
 def all_finite(tree) -> bool:

@@ -1,0 +1,150 @@
+"""``v4jax-plan`` (v4jax.parallel.plan): per-device bytes from shardings, checked against real
+sharded arrays on 8 simulated CPU devices and against the compiler's memory analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from v4jax.parallel.plan import GIB, main, make_plan
+from v4jax.train.config import train_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def flash_plan():
+    tc = train_preset("flash", ["batch_size=256"])
+    return tc, make_plan(tc, {"fsdp": 32, "expert": 8}, cache_len=65536, cache_batch=256)
+
+
+def test_flash_totals_match_count_params(flash_plan):
+    from v4jax.params import count_params
+
+    tc, r = flash_plan
+    pc = count_params(tc.model)
+    assert r["param_count"]["leaves_sum"] == pc.total_with_mtp
+    assert 280e9 < pc.total < 290e9
+    assert r["dtypes"]["param_dtype"] == "float32" and r["dtypes"]["compute_dtype"] == "bfloat16"
+    assert r["params"]["global"] == 4 * pc.total_with_mtp                      # fp32 parameters
+    assert r["grads"] == r["params"]
+    # sharded: every device holds at least its share, and less than a full copy
+    assert r["params"]["global"] / 256 <= r["params"]["per_device"] < r["params"]["global"] / 8
+    # optimizer: Muon one momentum per matrix, AdamW two moments for the rest (+ a few counters)
+    muon = sum(math.prod(x["shape"]) for x in r["muon_leaves"])
+    adam = pc.total_with_mtp - muon
+    assert 0 < adam < muon
+    assert 0 <= r["opt_state"]["global"] - 4 * (muon + 2 * adam) < 64
+    # routed experts: split over expert x fsdp = all 256 devices
+    assert r["problems"] == [] and r["batch_shards"] == 256 and r["b_local"] == 1
+    # Muon: routed experts keep their expert split (lead shards 8) and gather the fsdp split (32)
+    w1 = [x for x in r["muon_leaves"] if x["path"].endswith("ffn/experts/w1")]
+    assert w1 and all(x["lead_shards"] == 8 and x["matrix_shards"] == 32 for x in w1)
+    x = w1[0]
+    assert x["gathered"] == pytest.approx(x["whole"] * (1 - 1 / 32))
+    assert x["whole"] == pytest.approx(4 * jax.numpy.prod(jax.numpy.array(x["shape"], float)) / 8)
+    assert 0 < r["muon"]["gathered_per_device"] < r["muon"]["whole_per_device"]
+    # decode cache: 256 sequences over 256 batch shards -> one per device
+    c = r["cache"]                     # everything split but the replicated max_len scalar
+    assert c["split_over_batch_axes"] and c["per_device"] * 256 - c["global"] == 255 * 4
+    assert r["total_per_device"] > r["state_per_device"] > 0
+    acts = r["activations"]["by_policy"]
+    assert acts["full"] < acts["save_matmuls"] < acts["none"]
+
+
+def test_indivisible_axis_is_reported():
+    tc = train_preset("tiny", ["batch_size=4"])
+    r = make_plan(tc, {"fsdp": 3})                 # dim 256 does not split in 3; batch 4 neither
+    msgs = [p["message"] for p in r["problems"]]
+    assert any(m.startswith("params/embed/embedding: dim 1 of size 256") and "3 shards" in m for m in msgs), msgs
+    assert any(p["path"] == "batch" for p in r["problems"])
+    assert not r["fits"]
+
+
+def test_cli_text_json_and_exit_codes(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["--preset", "tiny", "--mesh", "fsdp=2,expert=4", "--batch", "8", "--seq-len", "64",
+                 "--cache-len", "1024", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "TOTAL (training step)" in text and "Muon gather per step" in text and "decode cache" in text
+    r = json.loads(out.read_text())
+    assert r["mesh"] == {"fsdp": 2, "expert": 4} and r["devices"] == 8 and r["b_local"] == 1
+    assert r["total_per_device"] < r["hbm_gib"] * GIB and r["fits"]
+    assert main(["--preset", "tiny", "--mesh", "fsdp=3"]) == 3          # not realisable
+    assert "PROBLEMS" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec, axis", [("fsdp=2,bogus=4", "bogus"), ("fsdp=two", "fsdp"), ("fsdp=2,fsdp=4", "fsdp")])
+def test_bad_mesh_exits_2_naming_the_axis(spec, axis, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--mesh", spec])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert axis in err and "--mesh" in err
+
+
+SUB = textwrap.dedent("""
+    import json, sys
+    import jax
+    sys.path.insert(0, {tests!r})
+    from conftest import small_config
+    from v4jax.parallel.mesh import make_mesh, parse_mesh
+    from v4jax.parallel.plan import compile_memory, make_plan
+    from v4jax.params import abstract_variables
+    from v4jax.sharding import logical_specs
+    from v4jax.train.config import TrainConfig
+    from v4jax.train.optimizer import OptimizerConfig, make_optimizer
+    from v4jax.train.step import init_state
+
+    d0 = jax.devices()[0]
+    dev0 = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+                            if s.device == d0)
+    out = {{}}
+    cfgs = {{"all_types": small_config(n_layers=2, layer_types=("csa", "hca"), n_hash_layers=1),
+            "one_layer": small_config(n_layers=1, layer_types=("window",), n_hash_layers=0, n_mtp_layers=0)}}
+    for name, spec in (("all_types", "fsdp=2,expert=4"), ("one_layer", "data=2,expert=2,tensor=2")):
+        tc = TrainConfig(model=cfgs[name], optim=OptimizerConfig(total_steps=10, decay_start=5, warmup_steps=1),
+                         seq_len=16, batch_size=8)
+        mesh = make_mesh(spec)
+        tx = make_optimizer(tc.optim, abstract_variables(tc.model)["params"], logical_specs(tc.model))
+        st = init_state(tc, tx, mesh=mesh)
+        rep = make_plan(tc, parse_mesh(spec), platform="cpu")
+        out[spec] = {{"real": {{k: dev0(st[k]) for k in ("params", "opt_state", "buffers", "step", "rng")}},
+                     "plan": {{k: rep[k]["per_device"] for k in ("params", "opt_state", "buffers")}},
+                     "state": rep["state_per_device"], "problems": rep["problems"]}}
+    # one small compile: the compiler's argument bytes = the planned state + the batch
+    tc = TrainConfig(model=cfgs["one_layer"], optim=OptimizerConfig(total_steps=10, decay_start=5, warmup_steps=1),
+                     seq_len=16, batch_size=8)
+    rep = make_plan(tc, {{"fsdp": 2, "expert": 4}}, platform="cpu")
+    aot = compile_memory(tc, make_mesh("fsdp=2,expert=4"))
+    out["aot"] = {{"aot": aot, "state": rep["state_per_device"], "batch": rep["batch_bytes"],
+                  "act": rep["activations"]["estimate"]}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_plan_matches_real_shards_and_compiler():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", SUB.format(tests=os.path.join(ROOT, "tests"))], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
+    assert p.returncode == 0 and line, p.stderr[-4000:]
+    out = json.loads(line[0][len("RESULT"):])
+    for spec in ("fsdp=2,expert=4", "data=2,expert=2,tensor=2"):
+        r = out[spec]
+        assert r["problems"] == []
+        for k in ("params", "opt_state", "buffers"):
+            assert r["plan"][k] == r["real"][k], (spec, k, r)
+        assert r["state"] == sum(r["real"].values())
+    a = out["aot"]
+    assert a["aot"]["devices"] == 8 and a["aot"]["platform"] == "cpu"
+    assert a["aot"]["argument_size_in_bytes"] == a["state"] + a["batch"]
+    assert a["aot"]["alias_size_in_bytes"] == a["state"]                   # the donated state is reused
+    assert a["aot"]["temp_size_in_bytes"] > 0 and a["act"] > 0

@@ -1,0 +1,775 @@
+"""``v4jax-plan``: the per-device memory of a training run on a mesh, computed without allocating
+anything (``jax.eval_shape`` of the model, the optimizer and the decode cache; shardings from the
+one rules table ``v4jax.sharding`` on a ``jax.sharding.AbstractMesh``, so no device is needed).
+
+    v4jax-plan --preset flash --mesh fsdp=32,expert=8 --seq-len 4096 --batch 256 \\
+        [--cache-len 1048576 --cache-batch 256] [--hbm-gib 95] [--json out.json] \\
+        [--aot [--libtpu DIR --topology v5p:8x8x4]]
+
+What is exact and what is estimated:
+
+* EXACT (from shapes and shardings): parameters, optimizer state (``jax.eval_shape(tx.init,
+  params)`` of the real optimizer, ``make_optimizer``: Muon momentum for matrices, AdamW mu/nu
+  for the rest, sharded like their parameter by ``v4jax.parallel.mesh.mirror_shardings``),
+  buffers (router biases, hash tables: replicated), gradients (one per parameter, in the
+  parameter's dtype and sharding), the decode cache (``init_cache``, split over the batch axes
+  when its batch divides, ``cache_shardings``) and the Muon gather bytes. Per device, a leaf
+  takes ``itemsize * prod(ceil(dim_i / shards_i))`` where ``shards_i`` is the product of the mesh
+  axes its ``PartitionSpec`` puts on dim i; a dim that does not divide is REPORTED (jit and
+  ``device_put`` refuse such a sharding), the byte count then uses the padded shard.
+* Muon gather (``orthogonalize_updates`` under a mesh): each Muon leaf keeps the sharding of its
+  leading ``MatrixView.batch`` axes (routed experts stay split over ``expert``, the ``layers``
+  axis of a scanned stack is replicated) and its two matrix axes are gathered, so per device and
+  step ``itemsize * numel / lead_shards * (1 - 1 / matrix_shards)`` bytes arrive (all-gather), and
+  every device runs Newton-Schulz on ``numel / lead_shards`` elements (``ns_tflop``: ``steps *
+  (4 s^2 l + 2 s^3)`` per ``s x l`` matrix, s the short side).
+* ESTIMATED: the activations of one training step (formula below). The compiler's own number is
+  ``--aot``: ``jax.jit(train_step).lower(...).compile().memory_analysis()`` for the same state
+  and batch shardings, on a TPU topology (``--libtpu``: an unpacked libtpu wheel, used only for
+  compilation, see ``kernels_pallas/tpu_aot.py``) or on the local devices (CPU: simulated with
+  ``jax_num_cpu_devices``). When the step does not fit a TPU's HBM, libtpu stops with
+  ``CompileTimeHbmOom`` and the HLO temporaries it needs: that number is reported
+  (``--aot-no-crash-on-oom`` compiles again to completion for the full analysis; slow).
+
+Activation formula (per device; ``N = B_local * T`` tokens, ``B_local = batch / batch shards``,
+``n = hc_mult``, ``d = dim``, ``a`` = compute itemsize (``cfg.dtype``), ``f = 4`` (fp32), the
+tensors each layer keeps for its backward, as this code computes them):
+
+* ``stream``: the layer's input streams ``N n d a`` (the scan carry: kept under every remat policy);
+* ``mhc``: 2 sites x (fp32 streams + RMS-normalised fp32 flat streams ``2 N n d f``, collapsed
+  and normed block input ``2 N d a``);
+* ``attention``: q latent (fp32 RMS copy, normed) ``N q_lora (f + a)``; q: fp32 RMS copy of
+  ``wq_b``'s output, normed+roped q, the core's fp32 input and fp32 output (the XLA attention's
+  custom VJP keeps only inputs, output and lse), de-rotated output: ``N H c (3 f + 2 a) + N H f``;
+  kv ``N c (2 f + a)``; ``wo_a`` output ``N g o_lora a``; compressor (CSA/HCA) ``wkv``/``wgate`` outputs ``2 N w f``; indexer (CSA)
+  queries ``2 N n_I d_I a``, weights ``N n_I f``, its compressor ``2 N 2 d_I f``, top-k ids ``N k 4``;
+* ``moe``: norm in/out ``2 N d a``, router logits+scores ``2 N E f``, shared expert ``N I_s (3 f + a)``;
+  routed experts as dispatched here (``v4jax.moe.expert_parallel``, dropless): each device sees
+  ``G = S N`` tokens of its expert group (S = ``expert`` shards) and the local dispatch keeps
+  ``R`` rows (``ragged``/``tokamax``: ``R = G K``, all pairs sorted; ``blocked``: ``nb * b``
+  padded blocks; ``dense``: ``E_loc G``): gathered tokens ``G d a``, sorted rows ``R d a``, the
+  SwiGLU residuals (gate, sigmoid, silu, up, gated; fp32) ``5 R I f``, w2's input ``R I a``;
+  output ``N d f``;
+* the MTP block: a window layer plus ``2 N n d a + 2 N d a``;
+* ``head`` (main and MTP): HC head ``2 N n d f``, norm ``2 N d a``, logits ``N V (a + f)``;
+* ``backward working set``: fp32 stream cotangents ``2 N n d f``, one logits cotangent ``N V f``
+  and one layer's routed-row cotangents ``R (d + 2 I) f``;
+* ``fsdp weight gather``: the largest layer's weights in compute dtype with the ``fsdp`` axis
+  gathered (what GSPMD materialises for the layer's matmuls), twice (current + prefetched).
+
+With a ``tensor`` axis the head, output-group, indexer-head, MLP and vocabulary widths above are
+divided by its size (the rules table splits them); nothing else is.
+
+Per remat policy (``Runtime.remat``, ``--set runtime.remat=full``): ``none`` keeps every layer's
+tensors (``sum_layers all``); ``full`` keeps the streams and recomputes one layer at a time
+(``sum_layers stream + max_layer all``); ``save_matmuls`` additionally keeps the non-batched
+matmul outputs (projections); ``offload`` keeps what ``full`` keeps on the device. Then
+``+ head + backward working set + fsdp weight gather``. The total counts gradients live together
+with all activations (an upper bound: a real step frees activations while gradients fill) and
+takes ``max(activations, Muon transient)``, the Muon step running after the backward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+GIB = 2 ** 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Meshes and per-device bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def abstract_mesh(axes: dict[str, int]):
+    """A device-free ``AbstractMesh`` with ``axes`` in ``MESH_AXES`` order (what ``make_mesh``
+    builds): ``to_mesh_spec`` / ``rules_for`` only read ``mesh.shape``."""
+    import jax
+
+    from v4jax.sharding import MESH_AXES
+
+    names = tuple(a for a in MESH_AXES if a in axes)
+    return jax.sharding.AbstractMesh(tuple(int(axes[a]) for a in names), names,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def _spec_of(x):
+    return x.spec if hasattr(x, "spec") else x
+
+
+def dim_shards(spec, ndim: int, mesh_shape) -> list[int]:
+    """Shards per dim of an array with ``PartitionSpec`` ``spec`` on a mesh of ``mesh_shape``."""
+    out = []
+    entries = tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+    for e in entries[:ndim]:
+        if e is None:
+            out.append(1)
+        elif isinstance(e, str):
+            out.append(int(mesh_shape[e]))
+        else:
+            out.append(math.prod(int(mesh_shape[a]) for a in e))
+    return out
+
+
+def nbytes_of(shape, dtype) -> float:
+    import jax.numpy as jnp
+
+    n = math.prod(shape)
+    if jnp.dtype(dtype) == jnp.float4_e2m1fn:        # packed two per byte (as v4jax.inference.memory)
+        return n / 2
+    return n * jnp.dtype(dtype).itemsize
+
+
+def shard_bytes(shape, dtype, spec, mesh_shape, path: str = "", problems: list | None = None) -> float:
+    """Bytes one device holds of a leaf; dims that do not divide are appended to ``problems``."""
+    shards = dim_shards(spec, len(shape), mesh_shape)
+    local = []
+    for i, (n, s) in enumerate(zip(shape, shards)):
+        if n % s and problems is not None:
+            problems.append({"path": path, "shape": list(shape), "dim": i, "size": n, "spec": str(spec),
+                             "shards": s,
+                             "message": f"{path}: dim {i} of size {n} (shape {tuple(shape)}, spec {spec}) "
+                                        f"does not divide into {s} shards"})
+        local.append(-(-n // s))
+    return nbytes_of(local, dtype)
+
+
+def _leaves(tree, is_leaf=None):
+    import jax
+
+    return [(jax.tree_util.keystr(p, simple=True, separator="/"), x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
+def tree_bytes(values, shardings, mesh_shape, problems: list | None = None, prefix: str = "") -> dict:
+    """``{"global": bytes, "per_device": bytes, "dtypes": {dtype: per-device bytes}}`` of a tree of
+    ``ShapeDtypeStruct`` leaves with a matching tree of shardings (or ``PartitionSpec``s)."""
+    import jax
+
+    vals = jax.tree.leaves(values)
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+                          or hasattr(x, "spec"))
+    paths = [p for p, _ in _leaves(values)]
+    if len(vals) != len(shs):
+        raise ValueError(f"{prefix}: {len(vals)} leaves but {len(shs)} shardings")
+    total = per = 0.0
+    dtypes: dict[str, float] = {}
+    for path, v, s in zip(paths, vals, shs):
+        b = shard_bytes(v.shape, v.dtype, _spec_of(s), mesh_shape, f"{prefix}{path}", problems)
+        total += nbytes_of(v.shape, v.dtype)
+        per += b
+        dtypes[str(v.dtype)] = dtypes.get(str(v.dtype), 0) + b
+    return {"global": total, "per_device": per, "dtypes": dtypes}
+
+
+# ---------------------------------------------------------------------------------------------
+# Muon: bytes gathered for Newton-Schulz
+# ---------------------------------------------------------------------------------------------
+
+
+def muon_gather(params, logical, mesh, ns_steps: int) -> dict:
+    """Per device and step: bytes all-gathered so that Newton-Schulz sees whole matrices, the
+    largest single leaf's whole-matrix bytes, and the Newton-Schulz TFLOP (see module docstring)."""
+    import jax
+
+    from v4jax.sharding import to_mesh_spec
+    from v4jax.train.optimizer import MUON, matrix_views, param_labels
+
+    labels = dict(_leaves(param_labels(params)))
+    views = matrix_views(params)
+    specs = dict(_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    shape = mesh.shape
+    rows = []
+    for path, leaf in _leaves(params):
+        if labels[path] != MUON:
+            continue
+        view = views[path]
+        lg = tuple(specs[path])
+        full = dim_shards(to_mesh_spec(lg, mesh), leaf.ndim, shape)
+        # the constraint orthogonalize_updates puts on [*lead, k, n, m]: lead axes keep theirs
+        lead = dim_shards(to_mesh_spec(lg[:view.batch] + (None,) * 3, mesh), view.batch, shape)
+        lead_shards = math.prod(lead)
+        mat_shards = math.prod(full) // lead_shards
+        item = jax.numpy.dtype(leaf.dtype).itemsize
+        whole = item * leaf.size / lead_shards                # whole matrices one device holds
+        gathered = whole * (1 - 1 / mat_shards)
+        n, m = view.matrix_shape(leaf.shape)
+        s, l = min(n, m), max(n, m)
+        n_mats = math.prod(leaf.shape[:view.batch]) / lead_shards * view.col_blocks
+        flop = n_mats * ns_steps * (4 * s * s * l + 2 * s ** 3)
+        rows.append({"path": path, "shape": list(leaf.shape), "lead_shards": lead_shards,
+                     "matrix_shards": mat_shards, "itemsize": item, "gathered": gathered, "whole": whole, "ns_flop": flop})
+    return {"gathered_per_device": sum(r["gathered"] for r in rows),
+            "whole_per_device": sum(r["whole"] for r in rows),
+            "largest_leaf": max(rows, key=lambda r: r["whole"]) if rows else None,
+            "ns_tflop_per_device": sum(r["ns_flop"] for r in rows) / 1e12,
+            "leaves": len(rows), "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations (estimate)
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool = False, ts: int = 1) -> dict:
+    """The tensors one layer keeps for its backward (bytes per device), by group; ``matmul``: the
+    part a ``save_matmuls`` policy keeps (outputs of non-batched projections). ``ts``: ``tensor``
+    shards, which split the head, output-group and MLP widths (rules table: heads, o_groups,
+    index_heads, mlp -> tensor)."""
+    from v4jax.moe.experts import block_rows
+
+    f = 4
+    n, d = cfg.hc_mult, cfg.dim
+    sp = cfg.attention(lt)
+    H, c, q, g, ol = sp.n_heads / ts, sp.head_dim, sp.q_lora_rank, sp.o_groups / ts, sp.o_lora_rank
+    t = {"stream": N * n * d * a,
+         "mhc": 2 * (2 * N * n * d * f + 2 * N * d * a)}
+    # q latent: wq_a output (its fp32 RMS copy) and q_norm output; q: fp32 RMS copy of wq_b's output,
+    # normed+roped q, the core's fp32 input and fp32 output (+ lse), the de-rotated output; kv the same
+    # way at width c; the wo_a output
+    att = (N * q * (f + a) + N * H * c * (3 * f + 2 * a) + N * H * f + N * c * (f + a + f)
+           + N * g * ol * a)
+    mm = N * q * a + N * H * c * a + N * c * a + N * d * a          # wq_a, wq_b, wkv, wo_b outputs
+    if sp.compressor is not None:
+        w = sp.compressor.out_dim * (2 if sp.compressor.overlap else 1)
+        att += 2 * N * w * f
+        mm += 2 * N * w * f
+    if sp.indexer is not None:
+        ix = sp.indexer
+        w = ix.compressor.out_dim * (2 if ix.compressor.overlap else 1)
+        nI = ix.n_heads / ts
+        att += 2 * N * nI * ix.head_dim * a + N * nI * f + 2 * N * w * f + N * ix.topk * 4
+        mm += N * nI * ix.head_dim * a + N * nI * f + 2 * N * w * f
+    t["attention"] = att
+    E, K, I = cfg.n_routed_experts, cfg.n_activated_experts, cfg.moe_inter_dim / ts
+    Is = I * cfg.n_shared_experts
+    t["moe_router_shared"] = 2 * N * d * a + 2 * N * E * f + N * Is * (3 * f + a) + N * d * f
+    mm += 2 * N * Is * f + N * d * a
+    G = N * S                                   # tokens of the expert group a device sees
+    E_loc = E // max(S, 1)
+    if moe_impl == "blocked":
+        b = block_rows(max(1, G * K // S), E_loc)
+        R = max(1, (G * K + E_loc * (b - 1)) // b) * b
+    elif moe_impl == "dense":
+        R = E_loc * G
+    else:                                        # ragged / tokamax: every pair sorted
+        R = G * K
+    # gathered tokens, sorted rows, SwiGLU residuals (gate, sigmoid, silu, up, gated: fp32), w2's input
+    t["moe_routed"] = (G * d * a if S > 1 else 0) + R * d * a + 5 * R * I * f + R * I * a
+    t["moe_routed_rows"] = R
+    if mtp:
+        t["mtp_extra"] = 2 * N * n * d * a + 2 * N * d * a
+    t["all"] = sum(v for k, v in t.items() if k not in ("moe_routed_rows",))
+    t["matmul"] = mm
+    return t
+
+
+def _fsdp_gather(params, logical, mesh, a: int) -> float:
+    """The largest layer's weights (compute dtype) with ``fsdp`` gathered, per device."""
+    import jax
+
+    from v4jax.sharding import to_mesh_spec
+
+    specs = dict(_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    per_layer: dict[str, float] = {}
+    shape = dict(mesh.shape)
+    shape["fsdp"] = 1
+    for path, leaf in _leaves(params):
+        parts = path.split("/")
+        if parts[0].startswith("stack_"):
+            key, reps = "/".join(parts[:2]), leaf.shape[0]
+        elif parts[0].startswith("mtp_"):
+            key, reps = parts[0], 1
+        else:
+            continue
+        sh = dim_shards(to_mesh_spec(tuple(specs[path]), mesh), leaf.ndim, shape)
+        per_layer[key] = per_layer.get(key, 0.0) + a * leaf.size / reps / math.prod(sh)
+    return 2 * max(per_layer.values(), default=0.0)
+
+
+def activation_estimate(cfg, remat: str, moe_impl: str, b_local: int, T: int, expert_shards: int,
+                        params, logical, mesh) -> dict:
+    import jax.numpy as jnp
+
+    a = jnp.dtype(cfg.dtype).itemsize
+    f = 4
+    N = b_local * T
+    ts = int(mesh.shape.get("tensor", 1))
+    n, d, V = cfg.hc_mult, cfg.dim, cfg.vocab_size / ts          # logits split over tensor (vocab)
+    layers = [(lt, False) for lt in cfg.layer_types] + [("window", True)] * cfg.n_mtp_layers
+    per_type: dict[str, dict] = {}
+    saved = {"none": 0.0, "full": 0.0, "save_matmuls": 0.0}
+    biggest = 0.0
+    rows = 0
+    for lt, mtp in layers:
+        t = _layer_terms(cfg, lt, N, expert_shards, moe_impl, a, mtp, ts)
+        rows = max(rows, t["moe_routed_rows"])
+        key = "mtp" if mtp else lt
+        row = per_type.setdefault(key, {"count": 0, **{k: v for k, v in t.items()}})
+        row["count"] += 1
+        saved["none"] += t["all"]
+        saved["full"] += t["stream"]
+        saved["save_matmuls"] += t["stream"] + t["matmul"]
+        biggest = max(biggest, t["all"])
+    heads = 1 + cfg.n_mtp_layers
+    head = heads * (2 * N * n * d * f + 2 * N * d * a + N * V * (a + f)) + N * n * d * a   # + embedded X0
+    # stream cotangents, one logits cotangent, the routed rows' cotangents of one layer
+    working = 2 * N * n * d * f + N * V * f + rows * (d + 2 * cfg.moe_inter_dim / ts) * f
+    gather = _fsdp_gather(params, logical, mesh, a)
+    extra = head + working + gather
+    totals = {"none": saved["none"] + extra,
+              "full": saved["full"] + biggest + extra,
+              "save_matmuls": saved["save_matmuls"] + biggest + extra}
+    totals["offload"] = totals["full"]
+    return {"tokens_per_device": N, "b_local": b_local, "seq_len": T, "remat": remat, "moe_impl": moe_impl,
+            "expert_shards": expert_shards, "per_layer_type": per_type, "largest_layer": biggest,
+            "head": head, "backward_working": working, "fsdp_weight_gather": gather,
+            "by_policy": totals, "estimate": totals[remat]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_model_trace():
+    """``v4jax.params.abstract_variables`` memoised for the duration (``logical_specs``,
+    ``abstract_state``, ``state_shardings`` and ``count_params`` each trace the model: on flash
+    that is ~9 s a trace, mostly building the hash-routing tables). Same results, one trace."""
+    import flax.linen as nn
+
+    import v4jax.params as vp
+
+    orig = vp.abstract_variables
+    memo: dict = {}
+
+    def shared(cfg, boxed: bool = False):
+        if cfg not in memo:
+            memo[cfg] = orig(cfg, boxed=True)
+        return memo[cfg] if boxed else nn.meta.unbox(memo[cfg])
+
+    vp.abstract_variables = shared
+    try:
+        yield
+    finally:
+        vp.abstract_variables = orig
+
+
+def resolve_moe(runtime, platform: str = "tpu") -> str:
+    """The local expert dispatch a run on ``platform`` uses (``Runtime.moe`` "auto" as
+    ``resolve_impl`` would pick it there)."""
+    if runtime.moe != "auto":
+        return runtime.moe
+    if platform == "cpu":
+        return "blocked"
+    from v4jax.moe.experts import tokamax_available
+
+    return "tokamax" if tokamax_available() else "ragged"
+
+
+def make_plan(tc, mesh_axes: dict[str, int], cache_len: int | None = None, cache_batch: int | None = None,
+              cache_dtype: str = "bfloat16", cache_format: str = "native", hbm_gib: float = 95.0,
+              platform: str = "tpu") -> dict:
+    """The whole report for run config ``tc`` (``TrainConfig``: model, optimizer, runtime,
+    ``seq_len``, ``batch_size``) on a mesh ``{axis: size}``. Nothing is allocated."""
+    with _one_model_trace():
+        return _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format, hbm_gib, platform)
+
+
+def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format, hbm_gib, platform) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from v4jax.model.transformer import init_cache
+    from v4jax.parallel.mesh import batch_axes, batch_shards, cache_shardings, state_shardings
+    from v4jax.params import count_params
+    from v4jax.sharding import logical_specs
+    from v4jax.train.optimizer import make_optimizer
+    from v4jax.train.step import abstract_state
+
+    t0 = time.time()
+    mesh = abstract_mesh(mesh_axes)
+    shape = dict(mesh.shape)
+    cfg = tc.model
+    logical = logical_specs(cfg)
+    problems: list[dict] = []
+    # the optimizer exactly as v4jax.train.loop builds it (axes: Muon keeps experts on their devices)
+    from v4jax.params import abstract_variables
+
+    tx = make_optimizer(tc.optim, abstract_variables(cfg)["params"], logical)
+    state = abstract_state(tc, tx)
+    sh = state_shardings(cfg, mesh, state)
+    parts = {k: tree_bytes(state[k], sh[k], shape, problems, prefix=f"{k}/")
+             for k in ("params", "opt_state", "buffers")}
+    scalars = tree_bytes({"step": state["step"], "rng": state["rng"]}, {"step": sh["step"], "rng": sh["rng"]}, shape)
+    grads = dict(parts["params"])                  # one gradient per parameter, same dtype and sharding
+    top = sorted(((shard_bytes(x.shape, x.dtype, _spec_of(s), shape), p, x, _spec_of(s))
+                  for (p, x), s in zip(_leaves(state["params"]), jax.tree.leaves(sh["params"]))),
+                 key=lambda t: -t[0])[:8]
+    top_params = [{"path": p, "shape": list(x.shape), "spec": str(s), "per_device": b} for b, p, x, s in top]
+    n_batch = batch_shards(mesh)
+    if tc.batch_size % n_batch:
+        problems.append({"path": "batch", "size": tc.batch_size, "shards": n_batch,
+                         "message": f"batch {tc.batch_size} does not divide into the {n_batch} batch shards "
+                                    f"(axes {batch_axes(mesh)})"})
+    b_local = -(-tc.batch_size // n_batch)
+    moe_impl = resolve_moe(tc.runtime, platform)
+    S = int(shape.get("expert", 1))
+    act = activation_estimate(cfg, tc.runtime.remat, moe_impl, b_local, tc.seq_len, S, state["params"], logical, mesh)
+    muon = muon_gather(state["params"], logical, mesh, len(tc.optim.muon_ns_coeffs))
+    # Muon transient: the largest leaf's whole matrices in, the orthogonalised update out (fp32 NS carry)
+    big = muon["largest_leaf"]
+    muon_transient = 0.0 if big is None else 2 * big["whole"] * 4 / big["itemsize"]
+    batch_bytes = 2 * b_local * (tc.seq_len + 1) * 4          # tokens + segment_ids, int32
+
+    cache = None
+    if cache_len:
+        cb = cache_batch or n_batch
+        dt = jnp.dtype(cache_dtype)
+        ctree = jax.eval_shape(lambda: init_cache(cfg, cb, cache_len, dt, cache_format))
+        csh = cache_shardings(mesh, ctree)
+        cb_ = tree_bytes(ctree, csh, shape)
+        split = cb % n_batch == 0
+        cache = {"len": cache_len, "batch": cb, "dtype": cache_dtype, "format": cache_format,
+                 "split_over_batch_axes": split, "global": cb_["global"], "per_device": cb_["per_device"],
+                 "sequences_per_device": cb / n_batch if split else cb,
+                 "note": None if split else f"cache batch {cb} does not divide the {n_batch} batch shards: "
+                                            "the cache is replicated on every device"}
+
+    state_bytes = parts["params"]["per_device"] + parts["opt_state"]["per_device"] + \
+        parts["buffers"]["per_device"] + scalars["per_device"]
+    total = state_bytes + grads["per_device"] + batch_bytes + max(act["estimate"], muon_transient)
+    pc = count_params(cfg)
+    devices = math.prod(shape.values()) if shape else 1
+    opt_leaves = [(p, x) for p, x in _leaves(state["opt_state"]) if x.ndim > 0]
+    report = {
+        "preset": tc.name, "mesh": {a: int(n) for a, n in shape.items()}, "devices": devices,
+        "batch_axes": list(batch_axes(mesh)), "batch_shards": n_batch,
+        "seq_len": tc.seq_len, "batch": tc.batch_size, "b_local": b_local,
+        "dtypes": {"param_dtype": cfg.param_dtype, "compute_dtype": cfg.dtype,
+                   "grads": cfg.param_dtype,
+                   "opt_state": sorted({str(x.dtype) for _, x in opt_leaves}),
+                   "muon_ns_matmul": tc.optim.muon_ns_dtype},
+        "runtime": tc.runtime.to_dict(), "moe_dispatch": moe_impl,
+        "param_count": {"total": pc.total, "total_with_mtp": pc.total_with_mtp,
+                        "leaves_sum": int(sum(x.size for x in jax.tree.leaves(state["params"])))},
+        "params": parts["params"], "top_param_leaves": top_params, "opt_state": parts["opt_state"], "grads": grads,
+        "buffers": parts["buffers"], "step_rng": scalars, "batch_bytes": batch_bytes,
+        "activations": act, "muon": {k: v for k, v in muon.items() if k != "rows"},
+        "muon_leaves": muon["rows"], "muon_transient": muon_transient,
+        "cache": cache, "problems": problems,
+        "total_per_device": total, "state_per_device": state_bytes,
+        "hbm_gib": hbm_gib, "fits": bool(total <= hbm_gib * GIB) and not problems,
+        "analytic_seconds": round(time.time() - t0, 1),
+    }
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile: the compiler's memory analysis
+# ---------------------------------------------------------------------------------------------
+
+
+def compile_memory(tc, mesh, tx=None, compiler_options: dict | None = None) -> dict:
+    """``memory_analysis()`` of the jitted train step (state in ``state_shardings``, batch split
+    over the batch axes, state donated) on ``mesh`` (real or compile-only devices)."""
+    import jax
+    import jax.numpy as jnp
+
+    from v4jax.parallel.mesh import batch_sharding, mesh_context, replicated
+    from v4jax.params import abstract_variables
+    from v4jax.sharding import logical_specs
+    from v4jax.train.optimizer import make_optimizer
+    from v4jax.train.step import abstract_state, make_train_step, state_shardings
+
+    t0 = time.time()
+    if tx is None:
+        tx = make_optimizer(tc.optim, abstract_variables(tc.model)["params"], logical_specs(tc.model))
+    sh = state_shardings(tc, tx, mesh)
+    st = abstract_state(tc, tx)
+    bsh = batch_sharding(mesh, tc.batch_size)
+    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, sh)
+    row = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32, sharding=bsh)
+    batch = {"tokens": row, "segment_ids": row}
+    step = make_train_step(tc, tx, mesh=mesh, jit=False)
+    fn = jax.jit(step, in_shardings=(sh, {"tokens": bsh, "segment_ids": bsh}),
+                 out_shardings=(sh, replicated(mesh)), donate_argnums=(0,))
+    with mesh_context(mesh):
+        lowered = fn.lower(args, batch)
+    t1 = time.time()
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+    t2 = time.time()
+    ma = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "host_argument_size_in_bytes", "host_output_size_in_bytes",
+              "host_temp_size_in_bytes", "peak_memory_in_bytes")
+    out = {k: int(getattr(ma, k)) for k in fields if hasattr(ma, k) and getattr(ma, k) is not None}
+    out["peak_estimate_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
+                                  - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0))
+    out.update(platform=mesh.devices.flat[0].platform, device_kind=mesh.devices.flat[0].device_kind,
+               devices=int(mesh.size), lower_seconds=round(t1 - t0, 1), compile_seconds=round(t2 - t1, 1))
+    return out
+
+
+def aot_memory(tc, mesh, no_crash_on_oom: bool = False) -> dict:
+    """``compile_memory``. On TPU a compile that runs out of HBM (``CompileTimeHbmOom``) is not an
+    error of the plan: the compiler's message (the HLO temporaries it needs) is returned under
+    ``oom``; with ``no_crash_on_oom`` the step is compiled again with libtpu's
+    ``xla_tpu_no_crash_on_oom`` so that the whole memory analysis comes back (slow: on flash
+    with remat none it did not finish in 20 minutes on 2 CPU cores)."""
+    import re
+
+    t = time.time()
+    try:
+        return compile_memory(tc, mesh)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e)
+        if "CompileTimeHbmOom" not in msg or mesh.devices.flat[0].platform != "tpu":
+            raise
+        oom = {"message": msg.strip().splitlines()[0][:1000], "seconds": round(time.time() - t, 1)}
+        m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", msg)
+        if m:
+            unit = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+            oom["temp_required_bytes"] = float(m.group(1)) * unit[m.group(2)]
+            oom["hbm_available_bytes"] = float(m.group(3)) * unit[m.group(4)]
+    if not no_crash_on_oom:
+        d = mesh.devices.flat[0]
+        return {"oom": oom, "platform": d.platform, "device_kind": d.device_kind, "devices": int(mesh.size)}
+    out = compile_memory(tc, mesh, compiler_options={"xla_tpu_no_crash_on_oom": True})
+    out["oom"] = oom
+    out["compiler_options"] = {"xla_tpu_no_crash_on_oom": True}
+    return out
+
+
+def topology_mesh(mesh_axes: dict[str, int], libtpu: str, topology: str):
+    """A ``Mesh`` over the compile-only devices of TPU ``topology`` (libtpu loaded from the
+    folder ``libtpu``, never installed); must run before any other JAX backend use."""
+    so = os.path.join(libtpu, "libtpu", "libtpu.so")
+    if not os.path.exists(so):
+        so = os.path.join(libtpu, "libtpu.so")
+    if not os.path.exists(so):
+        raise FileNotFoundError(f"no libtpu.so under {libtpu!r} (unpack the libtpu wheel there)")
+    os.environ.update(TPU_LIBRARY_PATH=so, TPU_SKIP_MDS_QUERY="1", TPU_WORKER_HOSTNAMES="localhost")
+    import jax
+    from jax.experimental import mesh_utils, topologies
+    from jax.sharding import Mesh
+
+    from v4jax.sharding import MESH_AXES
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    names = tuple(a for a in MESH_AXES if a in mesh_axes)
+    shape = tuple(mesh_axes[a] for a in names)
+    if math.prod(shape) != len(topo.devices):
+        raise ValueError(f"mesh {mesh_axes} has {math.prod(shape)} devices, topology {topology} has "
+                         f"{len(topo.devices)}")
+    try:
+        devs = mesh_utils.create_device_mesh(shape, devices=topo.devices)
+    except Exception:  # noqa: BLE001 - an odd shape for the physical topology: plain order
+        import numpy as np
+
+        devs = np.asarray(topo.devices).reshape(shape)
+    return Mesh(devs, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def local_mesh(mesh_axes: dict[str, int]):
+    from v4jax.parallel.mesh import make_mesh
+
+    return make_mesh(mesh_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def _g(b) -> str:
+    """GiB with two decimals; under 0.01 GiB in MiB (tiny configs)."""
+    if 0 < b < 0.01 * GIB:
+        return f"{b / 2 ** 20:,.2f} MiB"
+    return f"{b / GIB:,.2f}"
+
+
+def format_report(r: dict) -> str:
+    act = r["activations"]
+    L = []
+    mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items()) or "(one device)"
+    L.append(f"v4jax-plan: {r['preset']} on mesh {mesh} ({r['devices']} devices), seq {r['seq_len']}, "
+             f"batch {r['batch']} ({r['b_local']} rows/device over {r['batch_shards']} batch shards "
+             f"{tuple(r['batch_axes'])})")
+    d = r["dtypes"]
+    L.append(f"dtypes: params {d['param_dtype']}, compute {d['compute_dtype']}, grads {d['grads']}, "
+             f"optimizer state {'/'.join(d['opt_state'])}, Muon NS matmul {d['muon_ns_matmul']}; "
+             f"remat {act['remat']}, MoE dispatch {r['moe_dispatch']}")
+    pc = r["param_count"]
+    L.append(f"parameters: {pc['total'] / 1e9:.2f}B (+MTP {pc['total_with_mtp'] / 1e9:.2f}B; leaves sum "
+             f"{pc['leaves_sum'] / 1e9:.2f}B)")
+    L.append("")
+    L.append(f"{'per device':<44}{'GiB':>12}{'   global GiB':>14}")
+    rows = [("parameters", r["params"]), ("optimizer state (Muon momentum, AdamW mu/nu)", r["opt_state"]),
+            ("gradients (= parameters)", r["grads"]), ("buffers (router bias, hash tables)", r["buffers"])]
+    for name, x in rows:
+        L.append(f"{name:<44}{_g(x['per_device']):>12}{_g(x['global']):>14}")
+    L.append(f"{'activations, ESTIMATE (remat ' + act['remat'] + ')':<44}{_g(act['estimate']):>12}")
+    pol = act["by_policy"]
+    L.append(f"{'   (remat none / save_matmuls / full)':<44}{_g(pol['none']) + ' / ' + _g(pol['save_matmuls']) + ' / ' + _g(pol['full']):>30}")
+    L.append(f"{'   of which largest layer (all kept)':<44}{_g(act['largest_layer']):>12}")
+    L.append(f"{'   of which heads (logits etc.)':<44}{_g(act['head']):>12}")
+    L.append(f"{'   of which fsdp weight gather':<44}{_g(act['fsdp_weight_gather']):>12}")
+    m = r["muon"]
+    L.append(f"{'Muon transient (largest leaf, in + out)':<44}{_g(r['muon_transient']):>12}")
+    L.append(f"{'batch (tokens, segment_ids)':<44}{_g(r['batch_bytes']):>12}")
+    L.append(f"{'TOTAL (training step)':<44}{_g(r['total_per_device']):>12}   vs HBM {r['hbm_gib']:g} GiB: "
+             f"{'fits' if r['fits'] else 'DOES NOT FIT' if not r['problems'] else 'NOT REALISABLE (see problems)'}")
+    L.append("")
+    L.append(f"Muon gather per step: {_g(m['gathered_per_device'])} GiB all-gathered per device over "
+             f"{m['leaves']} Muon leaves (whole matrices held: {_g(m['whole_per_device'])} GiB; "
+             f"Newton-Schulz {m['ns_tflop_per_device']:.1f} TFLOP per device)")
+    if m["largest_leaf"]:
+        b = m["largest_leaf"]
+        L.append(f"   largest leaf {b['path']} {tuple(b['shape'])}: lead shards {b['lead_shards']}, "
+                 f"matrix shards {b['matrix_shards']}, gathers {_g(b['gathered'])} GiB")
+    if r.get("top_param_leaves"):
+        L.append("largest parameter leaves per device: " + "; ".join(
+            f"{t['path']} {t['spec'].replace('PartitionSpec', 'P')} {_g(t['per_device'])}" for t in r["top_param_leaves"][:4]))
+    c = r["cache"]
+    if c:
+        L.append(f"decode cache ({c['format']} {c['dtype']}, {c['batch']} x {c['len']:,} tokens): "
+                 f"{_g(c['per_device'])} GiB per device ({c['sequences_per_device']:g} sequences/device), "
+                 f"{_g(c['global'])} GiB global" + (f"; {c['note']}" if c["note"] else ""))
+    if r["problems"]:
+        L.append("")
+        L.append(f"PROBLEMS ({len(r['problems'])}): this mesh cannot hold the run as sharded:")
+        for p in r["problems"][:20]:
+            L.append(f"  - {p['message']}")
+        if len(r["problems"]) > 20:
+            L.append(f"  ... and {len(r['problems']) - 20} more")
+    aot = r.get("aot")
+    if aot:
+        L.append("")
+        if "error" in aot:
+            L.append(f"AOT compile: FAILED ({aot.get('where', '')}): {aot['error']}")
+        elif "oom" in aot and "argument_size_in_bytes" not in aot:
+            o = aot["oom"]
+            L.append(f"AOT compile ({aot['device_kind']}, {aot['devices']} devices, {aot.get('topology', 'local')}): "
+                     f"DOES NOT FIT, after {o['seconds']} s the compiler reports: {o['message']}")
+        else:
+            L.append(f"AOT compile ({aot['device_kind']}, {aot['devices']} devices, {aot.get('topology', 'local')}; "
+                     f"lower {aot['lower_seconds']} s, compile {aot['compile_seconds']} s), per device:")
+            if "oom" in aot:
+                L.append(f"   at the real HBM size: {aot['oom']['message']}")
+                L.append("   (numbers below: compiled again with xla_tpu_no_crash_on_oom=true)")
+            for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                      "peak_estimate_bytes"):
+                if k in aot:
+                    L.append(f"   {k:<28}{_g(aot[k]):>10} GiB")
+    return "\n".join(L)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="v4jax-plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="flash", help="run preset (tiny, small, flash, pro) or a train_config.json")
+    ap.add_argument("--mesh", required=True, metavar="AXIS=N,...", help="e.g. fsdp=32,expert=8 (data, fsdp, expert, tensor)")
+    ap.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the preset's)")
+    ap.add_argument("--batch", type=int, default=None, help="global batch in rows (default: the preset's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="TrainConfig overrides, e.g. runtime.remat=full, model.dtype=float32")
+    ap.add_argument("--cache-len", type=int, default=None, help="decode cache length (default: the model's max_seq_len)")
+    ap.add_argument("--cache-batch", type=int, default=None, help="decode cache batch (default: one per batch shard)")
+    ap.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--cache-format", default="native", choices=["native", "fp8"])
+    ap.add_argument("--hbm-gib", type=float, default=95.0, help="HBM per device (v5p: 95)")
+    ap.add_argument("--platform", default="tpu", choices=["tpu", "gpu", "cpu"],
+                    help="where the run would go: picks Runtime.moe='auto' (tpu/gpu: ragged or tokamax; cpu: blocked)")
+    ap.add_argument("--json", default=None, help="write the full report here")
+    ap.add_argument("--aot", action="store_true", help="also compile the train step and report memory_analysis()")
+    ap.add_argument("--libtpu", default=None, help="--aot on a TPU topology: folder of an unpacked libtpu wheel")
+    ap.add_argument("--aot-no-crash-on-oom", action="store_true",
+                    help="TPU: when the step does not fit, compile again with xla_tpu_no_crash_on_oom for the full "
+                         "memory analysis (slow)")
+    ap.add_argument("--topology", default=None, help="--aot with --libtpu: e.g. v5p:8x8x4 (256 chips)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from v4jax.config import ConfigError
+    from v4jax.parallel.mesh import parse_mesh
+
+    try:
+        axes = parse_mesh(args.mesh)
+    except ConfigError as e:
+        ap.error(f"--mesh {args.mesh!r}: {e}")
+    if args.libtpu and not args.topology:
+        ap.error("--libtpu needs --topology (e.g. v5p:8x8x4)")
+    if args.aot and args.libtpu:                      # before any backend starts
+        try:
+            aot_mesh = topology_mesh(axes, args.libtpu, args.topology)
+        except Exception as e:  # noqa: BLE001
+            aot_mesh, aot_err = None, f"{type(e).__name__}: {e}"
+        else:
+            aot_err = None
+    elif args.aot:
+        import jax
+
+        n = math.prod(axes.values())
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except Exception:  # noqa: BLE001 - backend already started
+            pass
+        aot_mesh = aot_err = None
+    from v4jax.train.config import train_preset
+
+    sets = list(args.set)
+    if args.seq_len is not None:
+        sets.append(f"seq_len={args.seq_len}")
+    if args.batch is not None:
+        sets.append(f"batch_size={args.batch}")
+    if args.aot and args.libtpu and not any(s.startswith("runtime.moe=") for s in sets):
+        # "auto" resolves on the host (CPU) at trace time; a TPU run without tokamax uses ragged
+        sets.append(f"runtime.moe={resolve_moe(train_preset(args.preset).runtime, 'tpu')}")
+    try:
+        tc = train_preset(args.preset, sets)
+    except ConfigError as e:
+        ap.error(str(e))
+    cache_len = args.cache_len if args.cache_len is not None else tc.model.max_seq_len
+    if not 1 <= cache_len <= tc.model.max_seq_len:
+        ap.error(f"--cache-len {cache_len}: must be in [1, {tc.model.max_seq_len}]")
+    report = make_plan(tc, axes, cache_len, args.cache_batch, args.cache_dtype, args.cache_format, args.hbm_gib,
+                       args.platform)
+    if args.aot:
+        try:
+            if aot_err is not None:
+                raise RuntimeError(aot_err)
+            mesh = aot_mesh if aot_mesh is not None else local_mesh(axes)
+            aot = aot_memory(tc, mesh, args.aot_no_crash_on_oom)
+            if args.topology:
+                aot["topology"] = args.topology
+        except Exception as e:  # noqa: BLE001 - report, keep the analytic numbers
+            aot = {"error": f"{type(e).__name__}: {str(e)[:3000]}", "where": args.topology or "local devices"}
+        report["aot"] = aot
+    text = format_report(report)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    return 3 if report["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
