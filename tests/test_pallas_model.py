@@ -32,14 +32,14 @@ def test_load_hf_with_pallas_attention_matches_transformers_and_reference():
 
 def test_pallas_training_step_equals_reference():
     """Loss parts and every gradient leaf of a sparse-stage training step (packed documents,
-    indexer KL) agree; then one jitted step runs, its loss parts and gradient norm equal the
-    reference's. Parameters after an update are not compared: the first AdamW step is
-    ~lr*sign(g), which flips on near-zero gradient entries."""
+    indexer KL) agree. The jitted train step around them is the same code for every attention
+    backend (tests/test_train.py runs it); parameters after an update are not compared: the
+    first AdamW step is ~lr*sign(g), which flips on near-zero gradient entries."""
     import optax
 
     from v4jax.train.config import TrainConfig
-    from v4jax.train.optimizer import OptimizerConfig, make_optimizer
-    from v4jax.train.step import _forward_losses, init_state, make_train_step
+    from v4jax.train.optimizer import OptimizerConfig
+    from v4jax.train.step import _forward_losses
 
     T = 24
     out = {}
@@ -59,16 +59,9 @@ def test_pallas_training_step_equals_reference():
         (loss, (aux, _, _)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(v["params"], v["buffers"])
         parts = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         out[impl] = (jax.device_get(parts), jax.device_get(grads))
-        if impl == "pallas":      # the whole jitted step (optimizer, donation) with pallas attention
-            tx = make_optimizer(cfg.optim, v["params"])
-            state = init_state(cfg, tx, jax.tree.map(jnp.array, v))     # the step donates its state
-            _, m_step = make_train_step(cfg, tx, "sparse")(state, batch)
-            m_step = jax.device_get(m_step)
     (m_ref, g_ref), (m_pal, g_pal) = out["reference"], out["pallas"]
-    assert int(m_step["skipped"]) == 0
     for k in ("loss", "lm_loss", "indexer_kl", "grad_norm"):
         np.testing.assert_allclose(m_pal[k], m_ref[k], rtol=2e-5, err_msg=k)
-        np.testing.assert_allclose(m_step[k], m_ref[k], rtol=2e-5, err_msg=k)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_ref)[0], jax.tree.leaves(g_pal)):
         tol = 1e-4 * float(np.max(np.abs(a))) + 1e-8
         assert float(np.max(np.abs(b - a))) <= tol, jax.tree_util.keystr(path)

@@ -30,7 +30,12 @@ class ParamCount:
     active_with_embedding: int
 
     def __str__(self) -> str:
-        b = lambda n: f"{n / 1e9:.2f}B"
+        def b(n: int) -> str:
+            for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+                if n >= div:
+                    return f"{n / div:.2f}{unit}"
+            return str(n)
+
         return (f"total {b(self.total)} (with MTP {b(self.total_with_mtp)}), active/token "
                 f"{b(self.active)} (with embedding {b(self.active_with_embedding)})")
 

@@ -110,11 +110,25 @@ def _grain_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"v4jax-data-seed:{int(seed)}".encode()).digest()[:4], "big")
 
 
+class ArrayRows:
+    """Packed rows held in memory (the shipped corpus): ``take(idx)`` → ``(tokens, segment_ids)``."""
+
+    def __init__(self, tokens: np.ndarray, seg: np.ndarray):
+        self.tokens, self.seg = tokens, seg
+        self.row_len = tokens.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def take(self, idx):
+        return self.tokens[idx], self.seg[idx]
+
+
 class _Gather:
     """Row indices → batch dict; indices past a finite dataset's end (short last batch) become padding rows."""
 
-    def __init__(self, tokens, seg, batch_size, pad_id, rows=None):
-        self.tokens, self.seg, self.batch_size, self.pad_id = tokens, seg, batch_size, pad_id
+    def __init__(self, store, batch_size, pad_id, rows=None):
+        self.store, self.batch_size, self.pad_id = store, batch_size, pad_id
         self.rows = rows
 
     def __call__(self, idx):
@@ -123,32 +137,36 @@ class _Gather:
         if self.rows is not None:            # this process's rows [lo, hi) of the global batch
             lo, hi = self.rows
             idx, want = idx[lo:hi], hi - lo
-        tokens, seg = self.tokens[idx], self.seg[idx]
+        tokens, seg = self.store.take(idx)
         short = want - len(idx)
         if short:
-            tokens = np.concatenate([tokens, np.full((short, tokens.shape[1]), self.pad_id, np.int32)])
-            seg = np.concatenate([seg, np.zeros((short, seg.shape[1]), np.int32)])
+            L = self.store.row_len
+            tokens = np.concatenate([tokens, np.full((short, L), self.pad_id, np.int32)])
+            seg = np.concatenate([seg, np.zeros((short, L), np.int32)])
         return {"tokens": tokens, "segment_ids": seg}
 
 
 class DataIterator:
     """Iterator of numpy batches ``{"tokens", "segment_ids"}`` (int32 ``[B, seq_len + 1]``) with an exact,
-    JSON-able position: ``get_state()`` / ``set_state(state)``."""
+    JSON-able position: ``get_state()`` / ``set_state(state)``. ``store`` is the packed rows, in memory
+    (``ArrayRows``) or in array_record shards (``shards.ShardRows``)."""
 
-    def __init__(self, tokens, seg, *, settings: dict, pad_id: int, rows=None):
+    def __init__(self, store, *, settings: dict, pad_id: int, rows=None, stats: dict | None = None):
         import grain
 
         self.settings = settings
-        self.num_rows = len(range(settings["shard_index"], len(tokens), settings["num_shards"]))
+        self.stats = stats or {}
+        n = len(store)
+        self.num_rows = len(range(settings["shard_index"], n, settings["num_shards"]))
         b, epochs = settings["batch_size"], settings["num_epochs"]
-        ds = grain.MapDataset.range(len(tokens))
+        ds = grain.MapDataset.range(n)
         if settings["num_shards"] > 1:
             ds = ds[settings["shard_index"]::settings["num_shards"]]
         if settings["shuffle"]:
             ds = ds.shuffle(seed=_grain_seed(settings["seed"]))
         ds = ds.repeat(epochs)
         ds = ds.batch(b, drop_remainder=settings["drop_remainder"])
-        ds = ds.map(_Gather(tokens, seg, b, pad_id, rows))
+        ds = ds.map(_Gather(store, b, pad_id, rows))
         self.num_batches = None if epochs is None else len(ds)        # None: endless
         self.batches_per_epoch = self.num_rows / b
         self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
@@ -177,7 +195,8 @@ class DataIterator:
 
 def make_dataset(split: str = "train", seq_len: int = 256, batch_size: int = 8, seed: int = 0, data_dir=None,
                  tokenizer=None, shuffle: bool = True, num_epochs: int | None = None, *, shard_index: int = 0,
-                 num_shards: int = 1, drop_remainder: bool = False, rows: tuple[int, int] | None = None) -> DataIterator:
+                 num_shards: int = 1, drop_remainder: bool = False, rows: tuple[int, int] | None = None,
+                 source=None, progress: bool = False) -> DataIterator:
     """Batches ``{"tokens": int32 [B, seq_len+1], "segment_ids": int32 [B, seq_len+1]}`` of packed rows.
 
     * ``shuffle``: rows are permuted per epoch (a different permutation each epoch, fixed by ``seed``); batches may
@@ -189,6 +208,10 @@ def make_dataset(split: str = "train", seq_len: int = 256, batch_size: int = 8, 
       multi-host mesh feeds, ``v4jax.parallel.mesh.process_rows``); the order and the saved position
       are those of the global iterator, so any number of processes sees the same global batches.
     * ``tokenizer``: ``None``/"bpe" (shipped 4096 BPE), "byte", a tokenizer.json path, or a tokenizer object.
+    * ``source``: ``None`` for the shipped corpus, or your own documents (``shards.UserData``, or a path /
+      glob / directory string for ``FileSource`` with a 5 % hash split), tokenized and packed once into
+      array_record shards under ``data_dir`` (``progress``: a bar while that runs); ``it.stats`` holds the
+      split's documents, tokens and bytes per token.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -201,12 +224,31 @@ def make_dataset(split: str = "train", seq_len: int = 256, batch_size: int = 8, 
     if rows is not None and not (0 <= rows[0] < rows[1] <= batch_size):
         raise ValueError(f"rows {rows} is not a range within the batch of {batch_size}")
     tok = get_tokenizer(tokenizer)
-    tokens, seg = packed_split(split, seq_len, data_dir, tok)
+    if source is None:
+        store, stats = ArrayRows(*packed_split(split, seq_len, data_dir, tok)), {}
+        data_key = f"{corpus_sha256()[:12]}-{tok.fingerprint}-p{PACK_VERSION}"
+    else:
+        prep = prepare_source(source, tok, seq_len, data_dir, progress)
+        store, stats = prep.rows(split), prep.summary()[split]
+        data_key = f"user-{prep.key}"
     settings = {"split": split, "seq_len": int(seq_len), "batch_size": int(batch_size), "seed": int(seed),
                 "shuffle": bool(shuffle), "num_epochs": num_epochs, "shard_index": int(shard_index),
-                "num_shards": int(num_shards), "drop_remainder": bool(drop_remainder),
-                "data": f"{corpus_sha256()[:12]}-{tok.fingerprint}-p{PACK_VERSION}"}
-    return DataIterator(tokens, seg, settings=settings, pad_id=tok.pad_id, rows=None if rows is None else tuple(rows))
+                "num_shards": int(num_shards), "drop_remainder": bool(drop_remainder), "data": data_key}
+    return DataIterator(store, settings=settings, pad_id=tok.pad_id, rows=None if rows is None else tuple(rows),
+                        stats=stats)
+
+
+def prepare_source(source, tokenizer, seq_len: int, data_dir=None, progress: bool = False):
+    """``shards.prepare_user_data`` for a ``UserData`` (or a path string) under ``data_dir``'s cache."""
+    from v4jax.data.shards import UserData, prepare_user_data
+    from v4jax.data.sources import FileSource
+
+    if isinstance(source, (str, os.PathLike)):
+        source = UserData(FileSource(str(source)))
+    if not isinstance(source, UserData):
+        raise TypeError(f"source must be a UserData or a path, got {type(source).__name__}")
+    cache = Path(data_dir) if data_dir is not None else default_data_dir()
+    return prepare_user_data(source, get_tokenizer(tokenizer), int(seq_len) + 1, cache, progress=progress)
 
 
 def make_eval_dataset(split: str = "validation", seq_len: int = 256, batch_size: int = 8, data_dir=None,

@@ -7,6 +7,10 @@
 
 Both have fixed special ids: ``<|pad|>`` = 0, ``<|bos|>`` = 1, ``<|eos|>`` = 2. Special-token *strings* inside text are
 encoded as ordinary text, so a document can never inject a special id.
+
+* Any other Hugging Face ``tokenizer.json`` (``get_tokenizer("path/to/tokenizer.json")``) works too: its end-of-text
+  token (``<|endoftext|>``, ``</s>``, ...) ends each document; ``train_bpe`` / ``v4jax-tokenizer`` train a new one
+  with the v4jax specials on your own text.
 """
 
 from __future__ import annotations
@@ -24,27 +28,61 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 BPE_VOCAB_SIZE = 4096
 
 
+_EOS_NAMES = ("<|eos|>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<｜end▁of▁sentence｜>", "[SEP]")
+_BOS_NAMES = ("<|bos|>", "<s>", "<bos>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "[CLS]")
+_PAD_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<｜▁pad▁｜>")
+
+
+def _find_special(tok, names) -> int | None:
+    for n in names:
+        i = tok.token_to_id(n)
+        if i is not None:
+            return int(i)
+    return None
+
+
 class Tokenizer:
     """Byte-level BPE behind a small interface (``encode``/``decode``/``vocab_size``/special ids)."""
 
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
-    def __init__(self, tok):
+    def __init__(self, tok, source: str | None = None):
         import tokenizers
         if not isinstance(tok, tokenizers.Tokenizer):
             raise TypeError(f"expected a tokenizers.Tokenizer, got {type(tok).__name__}")
-        for i, s in enumerate(SPECIAL_TOKENS):
-            if tok.token_to_id(s) != i:
-                raise ValueError(f"special token {s!r} must have id {i}, has {tok.token_to_id(s)}")
+        where = f"tokenizer {source}" if source else "tokenizer"
+        if all(tok.token_to_id(s) == i for i, s in enumerate(SPECIAL_TOKENS)):
+            self.pad_id, self.bos_id, self.eos_id = PAD_ID, BOS_ID, EOS_ID
+        else:
+            # any Hugging Face tokenizer.json: find its end-of-text token (documents are eos-terminated), and
+            # use it for bos / pad when the file has none (padding is masked by segment id 0 anyway)
+            eos, bos, pad = (_find_special(tok, names) for names in (_EOS_NAMES, _BOS_NAMES, _PAD_NAMES))
+            if eos is None:
+                raise ValueError(f"{where} has no end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
+                                 "v4jax ends every document with one")
+            self.eos_id, self.bos_id = eos, (eos if bos is None else bos)
+            self.pad_id = eos if pad is None else pad
         tok.encode_special_tokens = True        # "<|eos|>" in a document is text, not the eos id
         self._tok = tok
         self._json = tok.to_str()
+        self.source = source
         self.fingerprint = "bpe-" + hashlib.sha256(self._json.encode("utf-8")).hexdigest()[:16]
 
     @classmethod
     def from_file(cls, path: str | Path = TOKENIZER_PATH) -> Tokenizer:
+        """A ``tokenizer.json`` (any Hugging Face ``tokenizers`` file); a clear error naming the file if it
+        is missing or not a tokenizer."""
         import tokenizers
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        path = Path(path).expanduser()
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:      # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"tokenizer file {str(path)!r} is not a Hugging Face tokenizers file: {e}") from None
+        return cls(tok, source=str(path))
 
     @property
     def vocab_size(self) -> int:
@@ -115,11 +153,24 @@ def get_tokenizer(spec: str | Path | Tokenizer | ByteTokenizer | None = None) ->
     if spec == "byte":
         return ByteTokenizer()
     if isinstance(spec, (str, Path)):
-        return Tokenizer.from_file(spec)
+        return _file_tokenizer(str(Path(spec).expanduser().resolve()), *_stat(spec))
     for attr in ("encode", "decode", "eos_id", "pad_id", "vocab_size", "fingerprint"):
         if not hasattr(spec, attr):
             raise TypeError(f"tokenizer {spec!r} lacks {attr!r}")
     return spec
+
+
+def _stat(path) -> tuple[int, int]:
+    try:
+        st = Path(path).expanduser().stat()
+    except OSError:
+        raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist") from None
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _file_tokenizer(path: str, mtime_ns: int, size: int) -> Tokenizer:
+    return Tokenizer.from_file(path)            # loaded once per file version and process
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = BPE_VOCAB_SIZE) -> Tokenizer:
@@ -135,5 +186,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int = BPE_VOCAB_SIZE) -> Tokeniz
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() != vocab_size:
-        raise RuntimeError(f"BPE training produced {tok.get_vocab_size()} tokens, wanted {vocab_size}")
+        raise ValueError(f"the training text gives only {tok.get_vocab_size()} BPE tokens (merges of pairs seen "
+                         f"at least twice), fewer than vocab_size {vocab_size}: use a smaller vocabulary or more text")
     return Tokenizer(tok)

@@ -6,6 +6,12 @@ N (the LR schedule follows ``total_steps``/``optim.*`` of the config, so stoppin
 on later gives the same run). A workdir that holds a checkpoint is resumed, with the config saved
 in it (``--set`` may still change loop settings such as ``eval_every``, not the model).
 
+Your own data: ``--data PATH`` (a directory, glob or file of ``.txt``/``.md``, ``.jsonl``/``.json``,
+``.parquet``; ``--text-field``), or ``--tfds NAME[:VERSION]`` prepared under ``--data-dir``; a
+held-out set ``--eval-data PATH``, else ``--eval-fraction`` of the documents by hash; and
+``--tokenizer bpe|byte|tokenizer.json``. ``v4jax-tokenizer --data PATH --vocab-size N --out FILE``
+trains a byte-level BPE on them.
+
 ``v4jax-eval --workdir DIR [--step S] [--split validation] [--batches N]``: loss and perplexity of
 a checkpoint, as one JSON object on stdout.
 
@@ -58,10 +64,55 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                    help="device mesh, e.g. data=2,fsdp=2,expert=2 (axes data, fsdp, expert, tensor; the sizes "
                         "must multiply to the device count). A resumed run may use another mesh")
+    _data_args(p)
     _distributed_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--plot", action="store_true", help="write loss.png in the workdir at the end (matplotlib)")
     return p
+
+
+DATA_FIELDS = ("data", "tfds", "text_field", "eval_data", "eval_fraction", "tokenizer", "data_dir")
+
+
+def _data_args(p: argparse.ArgumentParser, train: bool = True) -> None:
+    g = p.add_argument_group("your own data (default: the shipped corpus)")
+    g.add_argument("--data", default=None, metavar="PATH",
+                   help="a directory, glob or file of .txt/.md (one document per file), .jsonl/.json (a text "
+                        "field) or .parquet; streamed once into array_record shards under the data dir")
+    g.add_argument("--tfds", default=None, metavar="NAME[:VERSION]",
+                   help="a TFDS dataset already prepared under --data-dir (its train split; validation or test "
+                        "is held out)")
+    g.add_argument("--text-field", default=None, metavar="NAME", help="JSON field / Parquet column / TFDS "
+                   "feature with the text (default: text)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="TFDS data_dir and cache of prepared shards (default: $V4JAX_DATA_DIR or ~/.cache/v4jax/tfds)")
+    if train:
+        g.add_argument("--eval-data", default=None, metavar="PATH", help="held-out documents (same formats)")
+        g.add_argument("--eval-fraction", type=float, default=None, metavar="F",
+                       help="without --eval-data: hold out this fraction of the documents by a hash of their "
+                            "text (default 0.05)")
+        g.add_argument("--tokenizer", default=None, metavar="SPEC",
+                       help="bpe (shipped, 4096), byte (259), or a tokenizer.json (any Hugging Face tokenizers "
+                            "file, e.g. from v4jax-tokenizer); its vocabulary must fit model.vocab_size")
+
+
+def _data_settings(args) -> dict:
+    """The data flags given, as TrainConfig fields (paths made absolute: a resumed run finds them)."""
+    out = {}
+    for f in DATA_FIELDS:
+        v = getattr(args, f, None)
+        if v is None:
+            continue
+        if f in ("data", "eval_data", "data_dir") or (f == "tokenizer" and v not in ("bpe", "byte")):
+            v = os.path.abspath(os.path.expanduser(v)) if not _has_glob(v) else os.path.expanduser(v)
+        out[f] = v
+    return out
+
+
+def _has_glob(v: str) -> bool:
+    import glob
+
+    return glob.has_magic(v)
 
 
 def _distributed_args(p: argparse.ArgumentParser) -> None:
@@ -86,11 +137,15 @@ def _start_distributed(args) -> bool:
 
 
 def train_main(argv: list[str] | None = None) -> int:
+    import dataclasses
+
     from v4jax.config import ConfigError
+    from v4jax.data.sources import DataError
     from v4jax.train.config import TrainConfig, train_preset
     from v4jax.train.loop import CONFIG_FILE, NonFiniteError, checkpoint_manager, train
 
     args = _train_parser().parse_args(argv)
+    data = _data_settings(args)
     saved = os.path.join(args.workdir, CONFIG_FILE)
     try:
         _start_distributed(args)
@@ -101,15 +156,22 @@ def train_main(argv: list[str] | None = None) -> int:
             if new.model != cfg.model or new.optim != cfg.optim:
                 raise ConfigError("--set cannot change model.* or optim.* of a run being resumed; "
                                   "start a new workdir instead")
+            changed = [f for f in DATA_FIELDS if f in data and data[f] != getattr(cfg, f)]
+            changed += [f for f in DATA_FIELDS if getattr(new, f) != getattr(cfg, f)]
+            if changed:
+                raise ConfigError(f"the data settings ({', '.join(sorted(set(changed)))}) of a run being resumed "
+                                  f"cannot change (its saved position indexes that data); start a new workdir")
             cfg = new
         else:
             cfg = train_preset(args.config, args.overrides)
+            if data:
+                cfg = dataclasses.replace(cfg, **data)
         if args.mesh is not None:
             cfg = cfg.override([f"mesh={args.mesh}"])
         if args.steps is not None and args.steps < 0:
             raise ConfigError("--steps must be >= 0")
         res = train(cfg, args.workdir, stop_step=args.steps, progress=not args.no_progress)
-    except (ConfigError, NonFiniteError, FileNotFoundError) as e:
+    except (ConfigError, DataError, NonFiniteError, FileNotFoundError) as e:
         print(f"v4jax-train: error: {e}", file=sys.stderr)
         return 2
     if args.plot:
@@ -151,4 +213,48 @@ def eval_main(argv: list[str] | None = None) -> int:
     res = evaluate(cfg, variables["params"], variables.get("buffers", {}), stage, split=args.split,
                    max_batches=args.batches)
     print(json.dumps({"step": step, "split": args.split, "stage": stage, **res}))
+    return 0
+
+
+def tokenizer_main(argv: list[str] | None = None) -> int:
+    """``v4jax-tokenizer``: train a byte-level BPE (v4jax's special ids) on your documents."""
+    from v4jax.data.shards import UserData  # noqa: F401  (keeps the import cost of the data stack here)
+    from v4jax.data.sources import DataError, FileSource, TfdsSource
+    from v4jax.data.tokenizer import train_bpe
+
+    p = argparse.ArgumentParser(prog="v4jax-tokenizer", description=tokenizer_main.__doc__ + " Reads the "
+                                "documents once, streaming, and writes a tokenizer.json for --tokenizer.")
+    _data_args(p, train=False)
+    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size, the 3 specials included "
+                   "(default 4096; the model's vocab_size must be at least this)")
+    p.add_argument("--out", required=True, help="the tokenizer.json to write")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if (args.data is None) == (args.tfds is None):
+            raise DataError("give one of --data PATH or --tfds NAME[:VERSION]")
+        if args.vocab_size < 259:
+            raise DataError(f"--vocab-size {args.vocab_size}: must be >= 259 (256 bytes + 3 specials)")
+        field = args.text_field or "text"
+        src = FileSource(args.data, field) if args.data is not None else TfdsSource(args.tfds, "train",
+                                                                                     args.data_dir, field)
+        from tqdm.auto import tqdm
+
+        stats = {"docs": 0, "bytes": 0}
+
+        def texts():
+            for _, text in tqdm(src.documents(), desc="v4jax-tokenizer: reading", unit=" docs",
+                                disable=args.no_progress, leave=False):
+                stats["docs"] += 1
+                stats["bytes"] += len(text.encode("utf-8"))
+                yield text
+
+        tok = train_bpe(texts(), vocab_size=args.vocab_size)
+        out = os.path.abspath(os.path.expanduser(args.out))
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tok.save(out)
+    except (DataError, ValueError) as e:
+        print(f"v4jax-tokenizer: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": out, "vocab_size": tok.vocab_size, **stats, "fingerprint": tok.fingerprint}))
     return 0

@@ -42,8 +42,14 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
-    data_dir: str | None = None          # tfds data_dir (default: ~/.cache/v4jax/tfds)
-    tokenizer: str = "bpe"               # "bpe" (4096, shipped) or "byte" (256 + 3 specials)
+    data_dir: str | None = None          # tfds data_dir and data cache (default: ~/.cache/v4jax/tfds)
+    tokenizer: str = "bpe"               # "bpe" (4096, shipped), "byte" (256 + 3 specials) or a tokenizer.json
+    # your own data (v4jax.data.sources); all None: the shipped corpus
+    data: str | None = None              # a directory, glob or file: .txt/.md, .jsonl/.json, .parquet
+    tfds: str | None = None              # or NAME[:VERSION] of a TFDS dataset prepared under data_dir
+    text_field: str = "text"             # the JSON field / Parquet column / TFDS feature holding the text
+    eval_data: str | None = None         # held-out documents; None: a hash split of the training documents
+    eval_fraction: float = 0.05          # ... holding out this fraction
     # length of the run (the LR schedule is in ``optim``; ``--steps`` only moves the stop point)
     total_steps: int = 1000
     # curriculum
@@ -79,7 +85,18 @@ class TrainConfig:
         for f in ("mtp_weight", "mtp_weight_after_decay", "balance_weight", "bias_update_speed",
                   "indexer_loss_weight"):
             need(getattr(self, f) >= 0, f, "must be >= 0")
-        need(self.tokenizer in ("bpe", "byte"), "tokenizer", "must be 'bpe' or 'byte'")
+        need(isinstance(self.tokenizer, str) and (self.tokenizer in ("bpe", "byte") or self.tokenizer.endswith(".json")
+                                                  or os.path.isdir(self.tokenizer)), "tokenizer",
+             "must be 'bpe', 'byte' or the path of a tokenizer.json (or of a directory holding one)")
+        need(self.data is None or self.tfds is None, "data", "give data or tfds, not both")
+        for f in ("data", "tfds", "eval_data"):
+            need(getattr(self, f) is None or (isinstance(getattr(self, f), str) and getattr(self, f) != ""), f,
+                 "must be None or a non-empty string")
+        need(self.eval_data is None or self.data is not None or self.tfds is not None, "eval_data",
+             "needs data or tfds (the shipped corpus has its own validation split)")
+        need(isinstance(self.eval_fraction, (int, float)) and 0.0 < self.eval_fraction < 1.0, "eval_fraction",
+             "must be in (0, 1)")
+        need(isinstance(self.text_field, str) and self.text_field != "", "text_field", "must be a non-empty string")
         need(self.eval_batches is None or self.eval_batches >= 1, "eval_batches", "must be None or >= 1")
         need(self.seq_len + 1 <= self.model.max_seq_len, "seq_len", "must be < model.max_seq_len")
         need(self.model.dtype in ("float32", "bfloat16"), "model", "dtype must be float32 or bfloat16")
@@ -93,6 +110,27 @@ class TrainConfig:
         has_csa = "csa" in self.model.layer_types
         need(has_csa or self.indexer_warmup_steps == 0, "indexer_warmup_steps",
              "must be 0 for a model without CSA layers")
+
+    def user_data(self):
+        """``shards.UserData`` for ``data`` / ``tfds`` (None: the shipped corpus). A TFDS dataset's own
+        ``validation`` (else ``test``) split is held out when there is no ``eval_data``."""
+        from v4jax.data.shards import UserData
+        from v4jax.data.sources import FileSource, TfdsSource
+
+        if self.data is None and self.tfds is None:
+            return None
+        if self.data is not None:
+            train = FileSource(self.data, self.text_field)
+        else:
+            train = TfdsSource(self.tfds, "train", self.data_dir, self.text_field)
+        held = None
+        if self.eval_data is not None:
+            held = FileSource(self.eval_data, self.text_field)
+        elif self.tfds is not None:
+            splits = train.splits()
+            held = next((TfdsSource(self.tfds, s, self.data_dir, self.text_field) for s in ("validation", "test")
+                         if s in splits), None)
+        return UserData(train, held, float(self.eval_fraction))
 
     # -- curriculum ------------------------------------------------------------------------------
     def stage(self, step: int) -> str:

@@ -107,35 +107,52 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, cfg: TrainConfig,
     return state, got["meta"]["data"]
 
 
+def _save_tokenizer(cfg: TrainConfig, workdir: str) -> None:
+    """``tokenizer.json`` beside the checkpoints (``v4jax-generate WORKDIR --prompt ...`` reads it)."""
+    tok = run_tokenizer(cfg)
+    if hasattr(tok, "save"):
+        tok.save(os.path.join(workdir, "tokenizer.json"))
+
+
 def abstract_params(cfg: TrainConfig):
     from v4jax.params import abstract_variables
 
     return abstract_variables(cfg.model)["params"]
 
 
-def make_data(cfg: TrainConfig, split: str, mesh=None):
-    """The endless shuffled training iterator, or one fixed-order pass over ``split``. With several
+def make_data(cfg: TrainConfig, split: str, mesh=None, progress: bool = False):
+    """The endless shuffled training iterator, or one fixed-order pass over ``split``, of the shipped
+    corpus or the run's own data (``cfg.data`` / ``cfg.tfds``, prepared once into shards). With several
     processes each reads only the rows of the global batch its devices hold (the global batches,
     and so the losses, are the same for any number of processes)."""
     from v4jax.data.pipeline import make_dataset, make_eval_dataset
-    from v4jax.data.tokenizer import get_tokenizer
 
-    vocab = get_tokenizer(cfg.tokenizer).vocab_size
-    if vocab > cfg.model.vocab_size:
-        from v4jax.config import ConfigError
-
-        raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {vocab} ids but model.vocab_size is "
-                          f"{cfg.model.vocab_size}")
+    tok = run_tokenizer(cfg)
     rows = None
     if mesh is not None and jax.process_count() > 1:
         from v4jax.parallel.mesh import process_rows
 
         rows = process_rows(mesh, cfg.batch_size)
+    kw = dict(data_dir=cfg.data_dir, tokenizer=tok, rows=rows, source=cfg.user_data(), progress=progress)
     if split == "train":
-        return make_dataset("train", cfg.seq_len, cfg.batch_size, seed=cfg.seed, data_dir=cfg.data_dir,
-                            tokenizer=cfg.tokenizer, shuffle=True, rows=rows)
-    return make_eval_dataset(split, cfg.seq_len, cfg.batch_size, data_dir=cfg.data_dir, tokenizer=cfg.tokenizer,
-                             rows=rows)
+        return make_dataset("train", cfg.seq_len, cfg.batch_size, seed=cfg.seed, shuffle=True, **kw)
+    return make_eval_dataset(split, cfg.seq_len, cfg.batch_size, **kw)
+
+
+def run_tokenizer(cfg: TrainConfig):
+    """The run's tokenizer, its vocabulary checked against the model's."""
+    from v4jax.config import ConfigError
+    from v4jax.data.tokenizer import get_tokenizer
+
+    try:
+        tok = get_tokenizer(cfg.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"TrainConfig.tokenizer: {e}") from None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids but model.vocab_size is "
+                          f"{cfg.model.vocab_size}: use a smaller tokenizer or --set model.vocab_size="
+                          f"{tok.vocab_size}")
+    return tok
 
 
 def evaluate(cfg: TrainConfig, params, buffers, stage: str, eval_fn=None, split: str = "validation",
@@ -181,12 +198,18 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
     tx = make_optimizer(cfg.optim, abstract_params(cfg), logical_specs(cfg.model))
     lr_fn = lr_schedule(cfg.optim)
     mngr = checkpoint_manager(workdir, cfg)
-    data = make_data(cfg, "train", mesh)
+    data = make_data(cfg, "train", mesh, progress=progress)
+    if data.stats:
+        held = make_data(cfg, "validation", mesh).stats
+        for name, st in (("train", data.stats), ("validation", held)):
+            log(f"v4jax-train: {name} data: {st['docs']} documents, {st['tokens']} tokens, "
+                f"{st['bytes_per_token']} bytes/token, {st['rows']} rows of {cfg.seq_len + 1}")
     writer = MetricsWriter(workdir)
     latest = mngr.latest_step()
     if latest is None:
         if primary:
             cfg.to_json(os.path.join(workdir, CONFIG_FILE))
+            _save_tokenizer(cfg, workdir)
         state = init_state(cfg, tx, mesh=mesh)
         writer.truncate_after(0)
         log(f"v4jax-train: new run {cfg.name!r} in {workdir} (steps {0} -> {stop}) on {describe(mesh)}")
