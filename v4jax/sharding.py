@@ -4,7 +4,7 @@
 Nothing is sharded unless a mesh is given: on one device every spec resolves to replicated.
 Mesh axes (``MESH_AXES``): ``data`` (batch), ``fsdp`` (batch, and parameters / optimizer state
 sharded over ``embed``), ``expert`` (batch, and routed experts: expert parallel, see
-``v4jax.parallel.expert``), ``tensor`` (heads, MLP, vocabulary). ``v4jax.parallel.mesh`` builds
+``v4jax.moe.expert_parallel``), ``tensor`` (heads, MLP, vocabulary). ``v4jax.parallel.mesh`` builds
 meshes and shardings from this table; activations are constrained with the same names
 (``constrain``).
 """

@@ -77,7 +77,7 @@ def experts_expert_parallel(x, idx, weights, w1, w2, w3, limit, dtype, impl: str
                               w3.astype(dtype), limit)
             placed = jnp.sum(local.astype(jnp.int32))
         else:
-            y = experts_ragged(x, lidx, lw, w1, w2, w3, limit, dtype, impl)
+            y = experts_ragged(x, lidx, lw, w1, w2, w3, limit, dtype, impl, partial=True)
             placed = jnp.sum(local.astype(jnp.int32))
         if t is not None:
             y = jax.lax.psum(y, t)

@@ -60,8 +60,10 @@ def _ragged_dot(impl: str):
     return jax.lax.ragged_dot
 
 
-def experts_ragged(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, impl: str = "ragged"):
-    """x ``[N, d]``, idx/weights ``[N, K]`` -> ``[N, d]`` (fp32). ``impl``: "ragged" (lax) or "tokamax"."""
+def experts_ragged(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, impl: str = "ragged",
+                   partial: bool = False):
+    """x ``[N, d]``, idx/weights ``[N, K]`` -> ``[N, d]`` (fp32). ``impl``: "ragged" (lax) or "tokamax".
+    ``partial``: ids ``>= E`` (experts held on other devices) contribute nothing here."""
     N, K = idx.shape
     E = w1.shape[0]
     rdot = _ragged_dot(impl)
@@ -74,7 +76,8 @@ def experts_ragged(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, impl: 
     h = swiglu(mm(xs, w1), mm(xs, w3), limit)
     h = h * jnp.take(weights.reshape(-1), order)[:, None].astype(jnp.float32)
     ys = mm(h.astype(dtype), w2)
-    ys = ys * (jnp.take(flat, order) < E)[:, None]               # ids >= E: held elsewhere (expert parallel)
+    if partial:                          # ids >= E sort past every group: rows no ragged_dot defines
+        ys = ys * (jnp.take(flat, order) < E)[:, None]
     return jnp.zeros((N, x.shape[-1]), jnp.float32).at[token].add(ys)
 
 

@@ -89,13 +89,15 @@ class Experts(nn.Module):
         if expert_shards(mesh) > 1:
             return experts_expert_parallel(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl, mesh,
                                            self.ep_capacity)
-        all_pairs = jnp.asarray(idx.size, jnp.int32)
+        all_pairs = jnp.asarray(idx.size, jnp.int32)         # one device: every dispatch is dropless
         if impl == "dense":   # the oracle: same values, E/K x the FLOPs
-            return experts_dense(x, idx, weights, w1.astype(self.dtype), w2.astype(self.dtype),
-                                 w3.astype(self.dtype), s.swiglu_limit).astype(self.dtype), all_pairs
-        if impl == "blocked":
-            return experts_blocked(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, count=True)
-        return experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl), all_pairs
+            y = experts_dense(x, idx, weights, w1.astype(self.dtype), w2.astype(self.dtype),
+                              w3.astype(self.dtype), s.swiglu_limit).astype(self.dtype)
+        elif impl == "blocked":
+            y = experts_blocked(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
+        else:
+            y = experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl)
+        return y, all_pairs
 
 
 class MoE(nn.Module):
