@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     import jax
 
     from v4jax.params import abstract_variables
-    from v4jax.parallel.mesh import batch_sharding, make_mesh, mesh_context
+    from v4jax.parallel.mesh import batch_sharding, make_mesh
     from v4jax.sharding import logical_specs
     from v4jax.train.config import train_preset
     from v4jax.train.optimizer import make_optimizer
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
             put = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
             args = (jax.tree.map(put, state, sh), {k: put(v, bsh) for k, v in batch.items()})
             step = make_train_step(tc, tx, mesh=mesh)
-            with mesh_context(mesh):
-                compiled = step.jitted.lower(*args).compile()
+            compiled = step.lower(*args).compile()
             n_dev = mesh.size
         mem = compiled.memory_analysis()
         coll = collective_bytes(compiled.as_text())

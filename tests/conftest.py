@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # device 0 as before. Must be set before the first computation creates the CPU backend.
 N_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", N_DEVICES)
+# One persistent XLA compilation cache per checkout, shared by the xdist workers and by the
+# v4jax-train subprocesses the tests launch (they inherit the variable): many tests build the same
+# tiny graphs through new function objects, which jax's in-memory cache does not share. Keyed by the
+# HLO, the jaxlib version and the flags, so a hit is the same executable. A fresh clone starts empty.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
 def small_config(**kw):

@@ -355,3 +355,43 @@ def test_v4jax_train_two_processes_equals_one_process_and_resumes_elsewhere(tmp_
     mngr = checkpoint_manager(str(two))
     assert mngr.latest_step() == 3
     mngr.close()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_with_a_checkpoint(tmp_path):
+    """A preemption notice reaching one process only (process 1, which logs nothing): JAX's
+    preemption sync service picks one step for both, both write the checkpoint together and exit
+    0, and the workdir resumes."""
+    import signal
+
+    from v4jax.train.checkpoints import committed_steps, verify_step
+
+    work, port = tmp_path / "run", free_port()
+    env = child_env(4)
+    procs = [subprocess.Popen(train_cmd(work, MESH, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                        "--process-id", str(i), "--steps", "40", "--set=total_steps=40",
+                                        "--set=checkpoint_every=20"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for i in range(2)]
+    lines, deadline = [], time.time() + 900
+    try:
+        for line in procs[0].stdout:
+            lines.append(line)
+            if "v4jax-train: step 3: loss" in line:
+                procs[1].send_signal(signal.SIGTERM)
+                break
+            assert time.time() < deadline, "".join(lines)
+        out0 = "".join(lines) + procs[0].communicate(timeout=600)[0]
+        out1 = procs[1].communicate(timeout=600)[0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, (out0, out1)
+    res = json.loads(out0.strip().splitlines()[-1])
+    assert res["stopped_by"] == "SIGTERM" and 3 < res["step"] < 20, res
+    assert committed_steps(str(work)) == [res["step"]]
+    assert verify_step(str(work / str(res["step"])))[0] == "ok"
+    out = run_all([train_cmd(work, OTHER_MESH, "--steps", str(res["step"] + 1), "--set=total_steps=40",
+                             "--set=checkpoint_every=20")], child_env(8), timeout=600)[0]
+    assert f"at step {res['step']}" in out, out

@@ -8,8 +8,9 @@
 
 from v4jax.api import InputError, V4Model, check_token_ids, load_hf
 from v4jax.config import ConfigError, V4Config, preset
+from v4jax.inference.prefix_cache import PrefixCache
 from v4jax.params import ParamCount, count_params
 
 __all__ = ["V4Model", "load_hf", "V4Config", "preset", "ConfigError", "InputError", "check_token_ids",
-           "count_params", "ParamCount"]
+           "count_params", "ParamCount", "PrefixCache"]
 __version__ = "0.1.0"

@@ -22,21 +22,27 @@ from v4jax.runtime import Runtime, split_runtime_kwargs
 
 
 class InputError(ValueError):
-    """Bad model input (wrong rank, dtype or a token id outside the vocabulary)."""
+    """Bad model input (wrong rank, dtype, a token id outside the vocabulary, a sequence longer than
+    the model's ``max_seq_len`` or than the cache)."""
 
 
-def check_token_ids(ids: Any, vocab_size: int) -> jnp.ndarray:
-    """Validate ``[B, T]`` integer token ids eagerly and return them as int32."""
+def check_token_ids(ids: Any, vocab_size: int, max_len: int | None = None, rank: int = 2) -> jnp.ndarray:
+    """Validate integer token ids ``[B, T]`` (``rank=1``: ``[B]``, one per sequence) eagerly and
+    return them as int32: integer dtype, non-empty, every id in ``[0, vocab_size)``, and with
+    ``max_len`` at most that many tokens per sequence."""
+    shape_name = "[batch, seq]" if rank == 2 else "[batch]"
     if isinstance(ids, (list, tuple)):
         ids = np.asarray(ids)
     if not hasattr(ids, "dtype") or not hasattr(ids, "shape"):
-        raise InputError(f"token ids must be an integer array [batch, seq], got {type(ids).__name__}")
+        raise InputError(f"token ids must be an integer array {shape_name}, got {type(ids).__name__}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise InputError(f"token ids must have an integer dtype, got {ids.dtype}")
-    if ids.ndim != 2:
-        raise InputError(f"token ids must have rank 2 [batch, seq], got shape {tuple(ids.shape)}")
-    if ids.shape[0] < 1 or ids.shape[1] < 1:
+    if ids.ndim != rank:
+        raise InputError(f"token ids must have rank {rank} {shape_name}, got shape {tuple(ids.shape)}")
+    if min(ids.shape) < 1:
         raise InputError(f"token ids must be non-empty, got shape {tuple(ids.shape)}")
+    if max_len is not None and rank == 2 and ids.shape[1] > max_len:
+        raise InputError(f"sequence length {ids.shape[1]} exceeds the model's max_seq_len {max_len}")
     host = np.asarray(ids)
     lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= vocab_size:
@@ -59,7 +65,7 @@ def init_variables(cfg: V4Config, seed: int = 0, runtime: Runtime | None = None,
     The init key uses XLA's RngBitGenerator (``impl="rbg"``), which compiles about twice as fast
     as threefry on CPU; results are deterministic for a given seed and backend."""
     module = Transformer(cfg, runtime or Runtime())
-    init = lambda key: nn.meta.unbox(module.init(key, jnp.zeros((1, 4), jnp.int32)))
+    init = lambda key: nn.meta.unbox(module.init(key, jnp.zeros((1, min(4, cfg.max_seq_len)), jnp.int32)))
     fn = jax.jit(init) if shardings is None else jax.jit(init, out_shardings=shardings)
     return fn(jax.random.key(seed, impl="rbg"))
 
@@ -117,9 +123,13 @@ class V4Model:
     def _pure_forward(self, variables, ids, ctx, with_mtp: bool):
         return self.module.apply(variables, ids, ctx, with_mtp=with_mtp)
 
+    def _ids(self, ids) -> jnp.ndarray:
+        """Whole sequences ``[B, T]``: ids in the vocabulary, ``T <= cfg.max_seq_len``."""
+        return check_token_ids(ids, self.cfg.vocab_size, self.cfg.max_seq_len)
+
     def __call__(self, ids) -> jax.Array:
-        """``ids [B, T]`` int -> fp32 logits ``[B, T, vocab]``."""
-        ids = check_token_ids(ids, self.cfg.vocab_size)
+        """``ids [B, T]`` int -> fp32 logits ``[B, T, vocab]`` (``T <= cfg.max_seq_len``)."""
+        ids = self._ids(ids)
         return self._forward(self.variables, ids, SeqContext(), with_mtp=False)["logits"]
 
     def forward(self, ids, with_mtp: bool = True, segment_ids=None, dense_attention: bool | None = None) -> dict:
@@ -127,8 +137,14 @@ class V4Model:
         ``indexer`` stats, ``hidden`` final streams ``[B, T, hc_mult, d]``. ``segment_ids [B, T]``:
         packed documents; ``dense_attention=True``: CSA attends to every visible entry (the dense
         training stage) instead of the indexer's top-k."""
-        ids = check_token_ids(ids, self.cfg.vocab_size)
-        seg = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        ids = self._ids(ids)
+        seg = None
+        if segment_ids is not None:
+            seg = np.asarray(segment_ids)
+            if seg.shape != ids.shape or not np.issubdtype(seg.dtype, np.integer):
+                raise InputError(f"segment_ids must be integers of the ids' shape {tuple(ids.shape)}, "
+                                 f"got {seg.dtype} {seg.shape}")
+            seg = jnp.asarray(seg, jnp.int32)
         ctx = SeqContext(segment_ids=seg, dense_attention=None if dense_attention is None else bool(dense_attention))
         return self._forward(self.variables, ids, ctx, with_mtp=with_mtp)
 
@@ -147,11 +163,14 @@ class V4Model:
         """One decode step for every sequence: ``tokens [B]`` (the last chosen token of each row)
         -> (next tokens ``[B]`` int32, fp32 logits ``[B, vocab]``, new cache). Greedy when
         ``temperature == 0``. The cache passed in is CONSUMED (donated and updated in place): use
-        only the returned one. One compile per batch size (and sampling setting)."""
-        tokens = jnp.asarray(tokens, jnp.int32)
+        only the returned one. One compile per batch size (and sampling setting). The tokens and
+        the cache position are checked on the host first (ids in the vocabulary, room for one more
+        token): ``InputError`` otherwise, with the cache left intact."""
         B = cache["pos"].shape[0]
-        if tokens.shape != (B,):
-            raise InputError(f"decode_step needs tokens of shape ({B},) for this cache, got {tuple(tokens.shape)}")
+        if getattr(tokens, "shape", np.shape(tokens)) != (B,):
+            raise InputError(f"decode_step needs tokens of shape ({B},) for this cache, got {np.shape(tokens)}")
+        tokens = check_token_ids(tokens, self.cfg.vocab_size, rank=1)
+        self._check_room(cache, np.ones((B,), np.int32))
         key = jax.random.key(0) if key is None else key
         return self._decode(self.variables, tokens, cache, key, temperature=float(temperature), top_p=float(top_p))
 
@@ -160,7 +179,14 @@ class V4Model:
         ``fmt="fp8"`` stores entries as FP8 e4m3 (rope dims bf16) and indexer keys as FP4, see
         ``v4jax.attention.kv_format``. On a mesh the cache is split over the batch axes when
         ``batch`` divides evenly (V4's KV is shared by all heads: there is no head axis to split)."""
-        cache = init_cache(self.cfg, batch, max_len, jnp.dtype(self.cfg.dtype), fmt)
+        for name, v in (("batch", batch), ("max_len", max_len)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise InputError(f"new_cache: {name} must be an integer >= 1, got {v!r}")
+        if max_len > self.cfg.max_seq_len:
+            raise InputError(f"new_cache: max_len {max_len} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+        if fmt not in ("native", "fp8"):
+            raise InputError(f"cache format must be 'native' or 'fp8', got {fmt!r}")
+        cache = init_cache(self.cfg, int(batch), int(max_len), jnp.dtype(self.cfg.dtype), fmt)
         if self.mesh is None:
             return cache
         from v4jax.parallel.mesh import cache_shardings
@@ -172,29 +198,52 @@ class V4Model:
         (fp32 logits ``[B, T, vocab]``, new cache), equal to the full forward's logits at those
         positions. ``lengths [B]``: real tokens per row (right padding; default T); logits at
         padded positions are meaningless. One compile per (B, T) shape."""
-        ids = check_token_ids(ids, self.cfg.vocab_size)
+        ids = self._ids(ids)
         B, T = ids.shape
         cache_b = cache["pos"].shape[0]
         if B != cache_b:
             raise InputError(f"batch {B} does not match the cache's batch {cache_b}")
-        n_valid = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths, np.int32)
-        if n_valid.shape != (B,) or (n_valid < 0).any() or (n_valid > T).any():
+        n_valid = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths)
+        if (n_valid.shape != (B,) or not np.issubdtype(n_valid.dtype, np.integer) or (n_valid < 0).any()
+                or (n_valid > T).any()):
             raise InputError(f"lengths must be {B} integers in [0, {T}], got {lengths}")
-        pos, cap = np.asarray(cache["pos"]), int(cache["max_len"])
-        if (pos + n_valid > cap).any():
-            raise InputError(f"cache holds {cap} tokens: {int(pos.max())} used, cannot add {int(n_valid.max())}")
+        n_valid = n_valid.astype(np.int32)
+        self._check_room(cache, n_valid)
         return self._extend(self.variables, ids, cache, jnp.asarray(n_valid))
+
+    def _check_room(self, cache: dict, n_new: np.ndarray) -> None:
+        """Every row's position + its new real tokens must fit the cache (``max_len``, itself at
+        most ``cfg.max_seq_len``): past it the compressors' entries have no slot and would be
+        dropped silently (wrong logits from then on). Padded tokens (beyond ``lengths``) are never
+        stored and do not count."""
+        pos, cap = np.asarray(cache["pos"]), int(cache["max_len"])
+        if cap > self.cfg.max_seq_len:
+            raise InputError(f"the cache holds {cap} tokens, more than the model's max_seq_len {self.cfg.max_seq_len}")
+        end = pos.astype(np.int64) + n_new
+        if (end > cap).any():
+            b = int(np.argmax(end))
+            raise InputError(f"cache holds {cap} tokens (max_len): row {b} is at position {int(pos[b])} and "
+                             f"cannot add {int(n_new[b])} more ({int(end[b])} > {cap})")
 
     def prefill(self, ids, max_len: int | None = None, chunk_size: int | None = None, fmt: str = "native",
                 lengths=None):
         """Prefill prompts ``ids [B, P]`` (optionally in chunks); right-padded rows of different
         lengths are given by ``lengths [B]``. Returns (logits ``[B, P, vocab]``, cache)."""
-        ids = check_token_ids(ids, self.cfg.vocab_size)
+        ids = self._ids(ids)
         B, T = ids.shape
-        lengths = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths, np.int32)
-        if lengths.shape != (B,) or (lengths < 1).any() or (lengths > T).any():
-            raise InputError(f"lengths must be {B} integers in [1, {T}], got {lengths.tolist()}")
-        cache = self.new_cache(B, max_len or T, fmt)
+        lengths = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths)
+        if (lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer) or (lengths < 1).any()
+                or (lengths > T).any()):
+            raise InputError(f"lengths must be {B} integers in [1, {T}], got {np.asarray(lengths).tolist()}")
+        lengths = lengths.astype(np.int32)
+        max_len = T if max_len is None else max_len
+        longest = int(lengths.max())
+        if isinstance(max_len, (int, np.integer)) and not isinstance(max_len, bool) and max_len < longest:
+            raise InputError(f"prefill: max_len {max_len} is shorter than the longest prompt ({longest} tokens)")
+        if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+                                       or chunk_size < 1):
+            raise InputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        cache = self.new_cache(B, max_len, fmt)
         chunk_size = chunk_size or T
         outs = []
         for s in range(0, T, chunk_size):
@@ -206,30 +255,70 @@ class V4Model:
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop_tokens=None, chunk_size: int | None = None,
-                 on_token=None, lengths=None, cache_format: str = "native") -> np.ndarray:
+                 on_token=None, lengths=None, cache_format: str = "native", speculative: str | None = None,
+                 stats: dict | None = None, prefix_cache=None) -> np.ndarray:
         """Autoregressive generation from prompts ``ids [B, P]`` (right-padded when ``lengths [B]``
         gives different prompt lengths; each row continues after its own last token). Greedy when
         ``temperature == 0``, else temperature + nucleus (``top_p``) sampling. ``stop_tokens``
         (default: the config's eos; ``()`` for none) end a sequence; positions after its stop are
         filled with the stop token and generation ends when every sequence stopped. Returns the
         new token ids ``[B, n <= max_new_tokens]``. ``on_token(step, tokens[B])`` is called as each
-        step's tokens are chosen (streaming)."""
+        step's tokens are chosen (streaming).
+
+        ``speculative="mtp"``: self-speculative decoding (``v4jax.inference.speculative``): the MTP
+        block drafts a token, one main-model pass over two tokens verifies it, so an accepted draft
+        gives two tokens per pass. Greedy output is identical to plain greedy decoding; sampled
+        output has the model's distribution. ``stats`` (a dict): filled with the acceptance counts.
+
+        ``prefix_cache`` (a ``v4jax.PrefixCache``): each prompt's longest stored block-aligned prefix
+        is restored from disk instead of prefilled, and new aligned prefixes are stored after the
+        prefill (``v4jax.inference.prefix_cache``); the output is the same as without it."""
         from v4jax.inference.sampling import sample_next
 
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if temperature < 0 or not (0 < top_p <= 1):
             raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
         stop = (self.cfg.eos_token_id,) if stop_tokens is None else tuple(stop_tokens)
-        ids = check_token_ids(ids, self.cfg.vocab_size)
+        ids = self._ids(ids)
         B, P = ids.shape
-        lengths = np.full((B,), P, np.int32) if lengths is None else np.asarray(lengths, np.int32)
-        logits, cache = self.prefill(ids, P + max_new_tokens, chunk_size, cache_format, lengths)
+        if P + max_new_tokens > self.cfg.max_seq_len:
+            raise InputError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} exceeds "
+                             f"the model's max_seq_len {self.cfg.max_seq_len}")
+        lengths = np.full((B,), P, np.int32) if lengths is None else np.asarray(lengths)
+        if speculative is not None and prefix_cache is not None:
+            raise InputError("speculative='mtp' and prefix_cache cannot be combined yet (the prefix cache holds the "
+                             "main model's cache, not the MTP block's); use one of them")
+        if speculative is not None:
+            from v4jax.inference.speculative import generate_speculative
+
+            if speculative != "mtp":
+                raise InputError(f"speculative must be None or 'mtp', got {speculative!r}")
+            if not self.cfg.n_mtp_layers:
+                raise InputError("speculative='mtp' needs a model with an MTP block; this config has n_mtp_layers = 0")
+            if (lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer) or (lengths < 1).any()
+                    or (lengths > P).any()):
+                raise InputError(f"lengths must be {B} integers in [1, {P}], got {np.asarray(lengths).tolist()}")
+            if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+                raise InputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+            if cache_format not in ("native", "fp8"):
+                raise InputError(f"cache format must be 'native' or 'fp8', got {cache_format!r}")
+            return generate_speculative(self, ids, lengths.astype(np.int32), int(max_new_tokens), float(temperature),
+                                        float(top_p), seed, stop, chunk_size, on_token, cache_format, stats)
+        if prefix_cache is not None:
+            from v4jax.inference.prefix_cache import prefill_with_cache
+
+            last, cache = prefill_with_cache(self, ids, lengths, P + max_new_tokens, cache_format, prefix_cache,
+                                             chunk_size)                           # checks lengths
+        else:
+            logits, cache = self.prefill(ids, P + max_new_tokens, chunk_size, cache_format, lengths)   # checks lengths
+            last = logits[jnp.arange(B), jnp.asarray(lengths, np.int32) - 1]
+            del logits
+        lengths = lengths.astype(np.int32)
         key = jax.random.key(seed)
         temperature, top_p = float(temperature), float(top_p)
-        tok = sample_next(logits[jnp.arange(B), jnp.asarray(lengths) - 1], jax.random.fold_in(key, 0),
-                          temperature, top_p)
-        del logits
+        tok = sample_next(last, jax.random.fold_in(key, 0), temperature, top_p)
+        del last
         done = np.zeros(B, bool)
         fill = np.zeros(B, np.int32)
         out = []

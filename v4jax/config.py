@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -195,13 +197,29 @@ class V4Config:
 
     # -- validation ---------------------------------------------------------------------------
     def __post_init__(self):
-        if not self.layer_types:
-            object.__setattr__(self, "layer_types", ("window",) * self.n_layers)
-        object.__setattr__(self, "layer_types", tuple(self.layer_types))
-
         def need(cond: bool, fld: str, rule: str):
             if not cond:
                 raise ConfigError(f"V4Config.{fld}: {rule} (got {getattr(self, fld)!r})")
+
+        # types first (so the rules below never compare a string with a number): int fields take
+        # integers only (not bools, not 64.0), float fields any finite real (not bools; stored as
+        # float), str fields strings; numpy scalars are turned into Python ones
+        for f in dataclasses.fields(self):
+            v, kind = getattr(self, f.name), _FIELD_KINDS.get(f.name)
+            if kind == "int":
+                need(isinstance(v, numbers.Integral) and not isinstance(v, bool), f.name, "must be an integer")
+                object.__setattr__(self, f.name, int(v))
+            elif kind == "float":
+                need(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v), f.name,
+                     "must be a finite number")
+                object.__setattr__(self, f.name, float(v))
+            elif kind == "str":
+                need(isinstance(v, str), f.name, "must be a string")
+        need(isinstance(self.layer_types, (tuple, list)) and all(isinstance(t, str) for t in self.layer_types),
+             "layer_types", f"must be a sequence of layer type names {LAYER_TYPES}")
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", ("window",) * self.n_layers)
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
 
         for f in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_groups",
                   "o_lora_rank", "window_size", "index_n_heads", "index_head_dim", "n_routed_experts",
@@ -232,6 +250,10 @@ class V4Config:
         need(self.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
         need(self.param_dtype in ("float32", "bfloat16"), "param_dtype", "must be float32 or bfloat16")
         need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1")
+        for f in ("rope_theta", "compress_rope_theta"):
+            need(getattr(self, f) > 1.0, f, "must be > 1")
+        for f in ("beta_fast", "beta_slow", "route_scale", "swiglu_limit"):
+            need(getattr(self, f) > 0, f, "must be > 0")
         need(self.original_seq_len >= 0, "original_seq_len", "must be >= 0 (0 disables YaRN)")
         need(self.norm_eps > 0 and self.hc_eps >= 0, "norm_eps", "eps values must be positive")
         need(0 <= self.bos_token_id < self.vocab_size, "bos_token_id", "must be a token id < vocab_size")
@@ -303,15 +325,35 @@ class V4Config:
         ``V4Config`` field names (e.g. ``dtype="bfloat16"``); kernel choices are ``Runtime`` options.
         """
         _refuse_runtime_keys(set(overrides))
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"V4Config has no field(s) {sorted(unknown)}")
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a dict (a JSON object), got {type(d).__name__}")
+        try:
+            kw = V4Config._kwargs_from_dict(d)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            # a value of the wrong type (a string where a number goes, a list for a dict, ...)
+            raise ConfigError(f"config has a malformed value: {type(e).__name__}: {e}") from None
+        kw.update(overrides)
+        return cls(**kw)
+
+    @staticmethod
+    def _kwargs_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+        """``V4Config`` keyword arguments from a ``transformers`` or official config dict."""
         g = lambda *keys, default=None: next((d[k] for k in keys if k in d and d[k] is not None), default)
         n_layers = g("num_hidden_layers", "n_layers")
         if n_layers is None:
             raise ConfigError("config has neither 'num_hidden_layers' nor 'n_layers'")
         csa_ratio, hca_ratio = 4, 128
         rates = g("compress_rates")
-        if isinstance(rates, dict):
-            csa_ratio = int(rates.get("compressed_sparse_attention", 4))
-            hca_ratio = int(rates.get("heavily_compressed_attention", 128))
+        if rates is not None and not isinstance(rates, dict):
+            raise ConfigError(f"config compress_rates: must be an object of ratios per layer type, got {rates!r}")
+        if rates is not None:   # the values are checked by V4Config (integers)
+            csa_ratio = rates.get("compressed_sparse_attention", 4)
+            hca_ratio = rates.get("heavily_compressed_attention", 128)
         if "layer_types" in d and d["layer_types"]:
             try:
                 layer_types = tuple(_FROM_HF_LAYER[t] for t in d["layer_types"][:n_layers])
@@ -343,14 +385,22 @@ class V4Config:
         # YaRN: official keys, or HF rope_scaling / rope_parameters["compress"]
         factor, orig, bfast, bslow = g("rope_factor"), g("original_seq_len"), g("beta_fast"), g("beta_slow")
         rp = d.get("rope_parameters") or {}
+        if not isinstance(rp, dict):
+            raise ConfigError(f"config rope_parameters: must be an object, got {rp!r}")
         compress_theta = g("compress_rope_theta", default=160000.0)
         if isinstance(rp.get("compress"), dict):  # transformers' per-rope-type parameters
             rs = rp["compress"]
             compress_theta = rs.get("rope_theta", compress_theta)
         else:  # legacy top-level rope_scaling (its rope_theta, if any, is the MAIN theta)
             rs = d.get("rope_scaling")
+        if rs is not None and not isinstance(rs, dict):
+            raise ConfigError(f"config rope_scaling: must be an object (or null), got {rs!r}")
         if isinstance(rs, dict):
-            if rs.get("rope_type", rs.get("type")) == "yarn":
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind not in ("yarn", "default"):
+                raise ConfigError(f"config rope scaling type {kind!r} is not supported "
+                                  "(V4 uses 'yarn', or 'default' for none)")
+            if kind == "yarn":
                 factor = rs.get("factor", factor)
                 orig = rs.get("original_max_position_embeddings", orig)
                 bfast = rs.get("beta_fast", bfast)
@@ -390,11 +440,7 @@ class V4Config:
         missing = [k for k, v in kw.items() if v is None]
         if missing:
             raise ConfigError(f"config is missing required key(s) for {missing}")
-        for k in ("rope_theta", "compress_rope_theta", "rope_factor", "beta_fast", "beta_slow", "route_scale",
-                  "swiglu_limit", "hc_eps", "norm_eps"):
-            kw[k] = float(kw[k])
-        kw.update(overrides)
-        return cls(**kw)
+        return kw   # float fields given as JSON integers become floats in V4Config.__post_init__
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, **overrides) -> "V4Config":
@@ -436,6 +482,11 @@ class V4Config:
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
             json.dump(self.to_hf_dict(), f, indent=2)
+
+
+# The type of every scalar field, from the annotations ("int", "float" or "str"; layer_types apart).
+_FIELD_KINDS = {f.name: {"int": "int", "float": "float", "str": "str"}.get(str(f.type))
+                for f in dataclasses.fields(V4Config)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ def abstract_variables(cfg: V4Config, boxed: bool = False):
     kept when ``boxed``)."""
     from v4jax.model.transformer import Transformer
 
-    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    ids = jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
+    shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), ids)
     return shapes if boxed else nn.meta.unbox(shapes)
 
 

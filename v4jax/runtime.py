@@ -56,7 +56,8 @@ class Runtime:
             raise ValueError(f"Runtime.moe must be one of {MOE_IMPLS}, got {self.moe!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Runtime.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
-        if self.q_chunk is not None and (not isinstance(self.q_chunk, int) or self.q_chunk < 1):
+        if self.q_chunk is not None and (not isinstance(self.q_chunk, int) or isinstance(self.q_chunk, bool)
+                                        or self.q_chunk < 1):
             raise ValueError(f"Runtime.q_chunk must be a positive integer or None, got {self.q_chunk!r}")
         if self.ep_capacity is not None and (isinstance(self.ep_capacity, bool)
                                              or not isinstance(self.ep_capacity, (int, float))

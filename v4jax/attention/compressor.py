@@ -117,18 +117,20 @@ class Compressor(nn.Module):
 def init_compressor_state(spec: CompressorSpec, batch: int, max_len: int, dtype, fmt: str = "native",
                           rope_dim: int = 0, kind: str = "main") -> dict:
     """The cached state of one compressor (spec 3.8), ``w = (1 + overlap) * c``:
-    ``kv``, ``gate [B, r, w]`` (fp32; projections and ``gate + ape`` of the block being filled,
-    row ``p % r``), ``entries [B, max_len // r, c]`` (stored as ``fmt``, see ``kv_format``); with
-    overlap also ``prev_kv``, ``prev_gate [B, r, w]``: the last complete block's projections, whose
-    first halves feed the next entry (``prev_gate`` starts at -inf: entry 0 has no previous block)."""
+    ``kv``, ``gate [B, R, w]`` (fp32): a ring of the last ``R`` positions' projections and
+    ``gate + ape``, row ``p % R`` holding position ``p``, with ``R = ratio`` (HCA: the block being
+    filled) or ``2 * ratio`` (CSA: also the last complete block, whose first halves feed the next
+    entry); ``entries [B, max_len // ratio, c]`` (stored as ``fmt``, see ``kv_format``).
+
+    The state is a function of the rows and the position counter only (nothing is shifted when
+    a block completes), so moving a sequence's position back (speculative decoding's rollback)
+    is exact: rows of positions past the new counter are never read before they are rewritten,
+    and an entry is visible only to queries past its block (``visible_entries``)."""
     r, w = spec.ratio, (2 if spec.overlap else 1) * spec.out_dim
-    st = {"kv": jnp.zeros((batch, r, w), jnp.float32),
-          "gate": jnp.zeros((batch, r, w), jnp.float32),
-          "entries": kv_format.empty((batch, max_len // r, spec.out_dim), dtype, fmt, rope_dim, kind)}
-    if spec.overlap:
-        st["prev_kv"] = jnp.zeros((batch, r, w), jnp.float32)
-        st["prev_gate"] = jnp.full((batch, r, w), -jnp.inf, jnp.float32)
-    return st
+    R = (2 if spec.overlap else 1) * r
+    return {"kv": jnp.zeros((batch, R, w), jnp.float32),
+            "gate": jnp.zeros((batch, R, w), jnp.float32),
+            "entries": kv_format.empty((batch, max_len // r, spec.out_dim), dtype, fmt, rope_dim, kind)}
 
 
 def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.ndarray, ratio: int,
@@ -142,38 +144,41 @@ def compressor_step(kv: jnp.ndarray, gate: jnp.ndarray, state: dict, start: jnp.
     the norm and RoPE (batched). Returns (all entries ``[B, N, c]``, new state)."""
     B, T, w = kv.shape
     r = ratio
+    R = state["kv"].shape[1]                      # ring rows: r (HCA) or 2r (CSA)
     L = r + T
     nb = L // r
 
     def pool(kv, gate, st, start, n_valid):
         off = jnp.mod(start, r)
+        bs = start - off                          # first position of the block being filled
         j = jnp.arange(L)
         from_state = (j < off)[:, None]
-        rows, cols = jnp.clip(j, 0, r - 1), jnp.clip(j - off, 0, T - 1)
+        rows, cols = jnp.mod(bs + j, R), jnp.clip(j - off, 0, T - 1)
         comb_kv = jnp.where(from_state, st["kv"][rows], kv[cols])
         comb_g = jnp.where(from_state, st["gate"][rows], gate[cols])
         blk_kv = comb_kv[: nb * r].reshape(nb, r, w)
         blk_g = comb_g[: nb * r].reshape(nb, r, w)
         if overlap:
             c = w // 2
-            prev_kv = jnp.concatenate([st["prev_kv"][None], blk_kv[:-1]], axis=0)
-            prev_g = jnp.concatenate([st["prev_gate"][None], blk_g[:-1]], axis=0)
+            prev_rows = jnp.mod(bs - r + jnp.arange(r), R)      # the previous block, still in the ring
+            first_kv = st["kv"][prev_rows]
+            first_g = jnp.where(bs >= r, st["gate"][prev_rows], -jnp.inf)   # entry 0 has no previous block
+            prev_kv = jnp.concatenate([first_kv[None], blk_kv[:-1]], axis=0)
+            prev_g = jnp.concatenate([first_g[None], blk_g[:-1]], axis=0)
             slot_kv = jnp.concatenate([prev_kv[..., :c], blk_kv[..., c:]], axis=1)
             slot_g = jnp.concatenate([prev_g[..., :c], blk_g[..., c:]], axis=1)
         else:
             slot_kv, slot_g = blk_kv, blk_g
         pooled = jnp.sum(jax.nn.softmax(slot_g, axis=1) * slot_kv, axis=1)
-        e_idx = (start - off) // r + jnp.arange(nb)
+        e_idx = bs // r + jnp.arange(nb)
         done = (jnp.arange(nb) + 1) * r <= off + n_valid
-        n_done = (off + n_valid) // r
-        new = {}
-        comb_kv, comb_g = jnp.pad(comb_kv, ((0, r), (0, 0))), jnp.pad(comb_g, ((0, r), (0, 0)))
-        new["kv"] = jax.lax.dynamic_slice_in_dim(comb_kv, n_done * r, r, axis=0)
-        new["gate"] = jax.lax.dynamic_slice_in_dim(comb_g, n_done * r, r, axis=0)
-        if overlap:
-            last, has = jnp.maximum(n_done - 1, 0) * r, n_done >= 1
-            new["prev_kv"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_kv, last, r, axis=0), st["prev_kv"])
-            new["prev_gate"] = jnp.where(has, jax.lax.dynamic_slice_in_dim(comb_g, last, r, axis=0), st["prev_gate"])
+        # the ring after the chunk: slot s holds the newest real position p = s (mod R)
+        last = start + n_valid - 1
+        slot = jnp.arange(R)
+        p_new = last - jnp.mod(last - slot, R)
+        take = ((p_new >= start) & (n_valid > 0))[:, None]
+        col = jnp.clip(p_new - start, 0, T - 1)
+        new = {"kv": jnp.where(take, kv[col], st["kv"]), "gate": jnp.where(take, gate[col], st["gate"])}
         return pooled, e_idx, done, new
 
     small = {k: v for k, v in state.items() if k != "entries"}

@@ -164,8 +164,13 @@ class DataIterator:
             ds = ds[settings["shard_index"]::settings["num_shards"]]
         if settings["shuffle"]:
             ds = ds.shuffle(seed=_grain_seed(settings["seed"]))
-        ds = ds.repeat(epochs)
-        ds = ds.batch(b, drop_remainder=settings["drop_remainder"])
+        if b == 1:
+            # the same rows in the same order, batched before the repeat: grain sizes an endless
+            # batch(1) as ceil(sys.maxsize / 1.0) = 2**63, which overflows len() (OverflowError)
+            ds = ds.batch(1).repeat(epochs)
+        else:
+            ds = ds.repeat(epochs)
+            ds = ds.batch(b, drop_remainder=settings["drop_remainder"])
         ds = ds.map(_Gather(store, b, pad_id, rows))
         self.num_batches = None if epochs is None else len(ds)        # None: endless
         self.batches_per_epoch = self.num_rows / b

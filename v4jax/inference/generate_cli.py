@@ -43,6 +43,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                     help="shard the model over a device mesh, e.g. tensor=4,expert=2 (sizes multiply to the device count)")
+    ap.add_argument("--speculative", default=None, choices=["mtp"],
+                    help="self-speculative decoding with the model's MTP block (same greedy tokens, fewer passes)")
+    ap.add_argument("--prefix-cache", default=None, metavar="DIR",
+                    help="on-disk prefix cache: reuse the KV cache of a stored prompt prefix (v4jax.PrefixCache)")
+    ap.add_argument("--prefix-cache-bytes", type=float, default=16e9, metavar="N",
+                    help="evict least-recently-used prefix entries beyond N bytes (default 16e9)")
     a = ap.parse_args(argv)
 
     import v4jax
@@ -79,8 +85,18 @@ def main(argv=None) -> int:
         t = int(tokens[0])
         print(tok.decode([t]) if tok is not None else f" {t}", end="", flush=True)
 
-    model.generate(np.asarray([ids], np.int32), a.max_new_tokens, a.temperature, a.top_p, a.seed,
-                   stop_tokens=() if a.no_stop else None, on_token=stream)
+    from v4jax.api import InputError
+
+    cache = None
+    if a.prefix_cache is not None:
+        cache = v4jax.PrefixCache(a.prefix_cache, max_bytes=int(a.prefix_cache_bytes))
+    try:
+        model.generate(np.asarray([ids], np.int32), a.max_new_tokens, a.temperature, a.top_p, a.seed,
+                       stop_tokens=() if a.no_stop else None, on_token=stream, speculative=a.speculative,
+                       prefix_cache=cache)
+    except InputError as e:          # a prompt too long for max_seq_len, an id outside the vocabulary, ...
+        print()
+        ap.error(str(e))
     print()
     return 0
 

@@ -32,11 +32,22 @@ class MTPBlock(Block):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hc_head = HCHead(cfg.hc())
 
+    def _inputs(self, streams: jnp.ndarray, next_emb: jnp.ndarray) -> jnp.ndarray:
+        """``X_a = e_proj(enorm(Emb(x_{t+1}))) + h_proj(hnorm(H_{t,a}))`` ``[B, T, n, d]``."""
+        e = self.e_proj(self.enorm(next_emb))
+        return (e[:, :, None, :] + self.h_proj(self.hnorm(streams))).astype(streams.dtype)
+
+    def extend(self, streams: jnp.ndarray, next_emb: jnp.ndarray, next_ids: jnp.ndarray, cache: dict, start,
+               n_valid):
+        """The cached form of ``predict`` for a chunk of positions ``start[b] + t`` (the MTP block's
+        own window cache, ``init_block_cache(cfg, "window", ...)``) -> (normed hidden ``[B, T, d]``,
+        new cache); the draft model of self-speculative decoding."""
+        x, cache = Block.extend(self, self._inputs(streams, next_emb), next_ids, cache, start, n_valid)
+        return self.norm(self.hc_head(x)), cache
+
     def predict(self, streams: jnp.ndarray, next_emb: jnp.ndarray, next_ids: jnp.ndarray,
                 segment_ids: jnp.ndarray | None = None):
         """streams ``[B, T, n, d]``, next_emb ``[B, T, d]`` -> (normed hidden ``[B, T, d]``, stats).
         ``segment_ids [B, T]``: the packed documents of the main positions."""
-        e = self.e_proj(self.enorm(next_emb))
-        x = e[:, :, None, :] + self.h_proj(self.hnorm(streams))
-        x, stats, _ = Block.__call__(self, x.astype(streams.dtype), next_ids, SeqContext(segment_ids=segment_ids))
+        x, stats, _ = Block.__call__(self, self._inputs(streams, next_emb), next_ids, SeqContext(segment_ids=segment_ids))
         return self.norm(self.hc_head(x)), stats

@@ -28,6 +28,14 @@ from v4jax.runtime import Runtime, remat_policy
 _SCANNED = {"params": 0, "buffers": 0, "intermediates": 0}
 
 
+def _check_length(ids: jnp.ndarray, cfg: V4Config, what: str) -> None:
+    """``ids [B, T]`` with ``T <= cfg.max_seq_len``; T is static, so this raises at trace time."""
+    if ids.ndim != 2:
+        raise ValueError(f"token ids must have shape [batch, seq], got {tuple(ids.shape)}")
+    if ids.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"{what} length {ids.shape[1]} exceeds the model's max_seq_len {cfg.max_seq_len}")
+
+
 class Transformer(nn.Module):
     """Variables: ``params`` (all trainable weights) and ``buffers`` (router biases, hash tables);
     the layers' under ``stack_{k}/layer_{j}`` with a leading repeats axis (``v4jax.model.layout``).
@@ -75,8 +83,10 @@ class Transformer(nn.Module):
                  next_ids: jnp.ndarray | None = None) -> dict:
         """Whole sequences ``ids [B, T]``. ``ctx``: packed documents, dense-stage flag, indexer
         loss (``SeqContext``). ``next_ids [B, T]``: the tokens at t+1 fed to the MTP block
-        (default: ``ids`` shifted, last position padded)."""
+        (default: ``ids`` shifted, last position padded). ``T <= cfg.max_seq_len`` (checked when
+        traced: T is static)."""
         cfg = self.cfg
+        _check_length(ids, cfg, "sequence")
         x = jnp.repeat(self.embed(ids)[:, :, None, :], cfg.hc_mult, axis=2)
         stats: list = [None] * cfg.n_layers
         istats: list = [None] * cfg.n_layers
@@ -103,6 +113,7 @@ class Transformer(nn.Module):
         positions ``cache["pos"][b] + t``; only the first ``n_valid[b]`` tokens are real, default
         all). Returns ``{"logits", "cache"}``."""
         cfg = self.cfg
+        _check_length(ids, cfg, "chunk")
         if n_valid is None:
             n_valid = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
         start = cache["pos"]
@@ -114,7 +125,21 @@ class Transformer(nn.Module):
                            unroll=self._unroll(st.repeats))
             x, new_layers[f"stack_{k}"] = scan(mod, x, cache["layers"][f"stack_{k}"])
         logits = self.logits(self.norm(self.hc_head(x)))
-        return {"logits": logits, "cache": {**cache, "pos": start + n_valid, "layers": new_layers}}
+        return {"logits": logits, "hidden": x, "cache": {**cache, "pos": start + n_valid, "layers": new_layers}}
+
+    def mtp_extend(self, streams: jnp.ndarray, next_ids: jnp.ndarray, cache: dict,
+                   n_valid: jnp.ndarray | None = None) -> dict:
+        """The MTP block over a chunk: main final streams ``streams [B, T, n, d]`` (``extend``'s
+        ``hidden``) at positions ``cache["pos"][b] + t`` and the tokens ``next_ids [B, T]`` at
+        t+1 -> ``{"logits"`` (predicting t+2) ``, "cache"}`` against ``init_mtp_cache``'s cache."""
+        if not self.cfg.n_mtp_layers:
+            raise ValueError("this model has no MTP block (n_mtp_layers = 0)")
+        _check_length(next_ids, self.cfg, "chunk")
+        if n_valid is None:
+            n_valid = jnp.full(next_ids.shape[:1], next_ids.shape[1], jnp.int32)
+        start = cache["pos"]
+        h, block = self.mtp[0].extend(streams, self.embed(next_ids), next_ids, cache["block"], start, n_valid)
+        return {"logits": self.logits(h), "cache": {**cache, "pos": start + n_valid, "block": block}}
 
     def decode(self, tokens: jnp.ndarray, cache: dict) -> dict:
         """One new token per sequence: ``tokens [B]`` at positions ``cache["pos"]`` ->
@@ -146,4 +171,13 @@ def init_cache(cfg: V4Config, batch: int, max_len: int, dtype=jnp.float32, fmt: 
     return {"pos": jnp.zeros((batch,), jnp.int32), "max_len": jnp.asarray(max_len, jnp.int32), "layers": layers}
 
 
-__all__ = ["Transformer", "init_cache", "IndexerStats", "SeqContext"]
+def init_mtp_cache(cfg: V4Config, batch: int, max_len: int, dtype=jnp.float32, fmt: str = "native") -> dict:
+    """The MTP block's cache for ``Transformer.mtp_extend``: ``pos [B]``, ``max_len`` and its
+    window-attention ``block`` cache (the MTP block has no compressor)."""
+    if not cfg.n_mtp_layers:
+        raise ValueError("this model has no MTP block (n_mtp_layers = 0)")
+    return {"pos": jnp.zeros((batch,), jnp.int32), "max_len": jnp.asarray(max_len, jnp.int32),
+            "block": init_block_cache(cfg, "window", batch, max_len, dtype, fmt)}
+
+
+__all__ = ["Transformer", "init_cache", "init_mtp_cache", "IndexerStats", "SeqContext"]

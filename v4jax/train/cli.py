@@ -142,14 +142,16 @@ def train_main(argv: list[str] | None = None) -> int:
     from v4jax.config import ConfigError
     from v4jax.data.sources import DataError
     from v4jax.train.config import TrainConfig, train_preset
-    from v4jax.train.loop import CONFIG_FILE, NonFiniteError, checkpoint_manager, train
+    from v4jax.train.loop import CONFIG_FILE, NonFiniteError, latest_step, train
 
     args = _train_parser().parse_args(argv)
     data = _data_settings(args)
     saved = os.path.join(args.workdir, CONFIG_FILE)
     try:
         _start_distributed(args)
-        resuming = os.path.isfile(saved) and checkpoint_manager(args.workdir).latest_step() is not None
+        if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+            raise ConfigError(f"--workdir {args.workdir!r} is a file, not a directory")
+        resuming = os.path.isfile(saved) and latest_step(os.path.abspath(args.workdir)) is not None
         if resuming:
             cfg = TrainConfig.from_json(saved)
             new = cfg.override(args.overrides)
@@ -179,7 +181,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
         print(f"v4jax-train: loss curve {plot_losses(args.workdir)}")
     print(json.dumps({"step": res.step, "loss": res.last_loss, "eval_loss": res.eval_loss,
-                      "skipped_steps": res.skipped_steps, "workdir": res.workdir}))
+                      "skipped_steps": res.skipped_steps, "spikes": res.spikes, "stopped_by": res.stopped_by,
+                      "workdir": res.workdir}))
     return 0
 
 
@@ -199,13 +202,24 @@ def eval_main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(saved):
         print(f"v4jax-eval: error: {args.workdir!r} is not a v4jax-train workdir (no {CONFIG_FILE})", file=sys.stderr)
         return 2
-    cfg = TrainConfig.from_json(saved)
-    mngr = checkpoint_manager(args.workdir)
-    step = mngr.latest_step() if args.step is None else args.step
-    if step is None:
-        print(f"v4jax-eval: error: no checkpoint in {args.workdir!r}", file=sys.stderr)
+    from v4jax.checkpoint import newest_good_step, restore_variables, verify_step
+    from v4jax.config import ConfigError
+
+    try:
+        cfg = TrainConfig.from_json(saved)
+    except ConfigError as e:
+        print(f"v4jax-eval: error: {e}", file=sys.stderr)
         return 2
-    from v4jax.checkpoint import restore_variables
+    step = newest_good_step(args.workdir) if args.step is None else args.step
+    if step is None:
+        print(f"v4jax-eval: error: no (undamaged) checkpoint in {args.workdir!r}", file=sys.stderr)
+        return 2
+    status, why = verify_step(os.path.join(args.workdir, str(step)))
+    if status == "damaged" or not os.path.isdir(os.path.join(args.workdir, str(step))):
+        print(f"v4jax-eval: error: checkpoint step {step} in {args.workdir!r} "
+              f"{'is damaged: ' + why if status == 'damaged' else 'does not exist'}", file=sys.stderr)
+        return 2
+    mngr = checkpoint_manager(args.workdir)
 
     variables = restore_variables(mngr, step, cfg.model)
     mngr.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -68,6 +69,16 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
+    checkpoint_checksums: bool = True    # SHA-256 of every checkpoint file, checked on resume (v4jax.train.checkpoints)
+    # numerical faults: a step whose loss or gradient is non-finite is never applied; after this many
+    # in a row the run stops (its last checkpoint untouched)
+    max_consecutive_skips: int = 20
+    # loss spikes: a step whose LM loss exceeds spike_factor x the median of the last spike_window
+    # applied steps is reported ("report": applied, counted, warned) or not applied ("skip");
+    # None: off. Detection starts once the window holds max(8, spike_window // 4) losses.
+    spike_factor: float | None = 3.0
+    spike_window: int = 50
+    spike_action: str = "report"
     # devices: None (one device) or a mesh spec "data=2,fsdp=2,expert=2" (v4jax.parallel.mesh);
     # not part of the run's identity: a checkpoint restores onto any mesh
     mesh: str | None = None
@@ -77,14 +88,27 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"TrainConfig.{fld}: {rule} (got {getattr(self, fld)!r})")
 
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+        is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        is_str = lambda v: isinstance(v, str) and v != ""
+        need(isinstance(self.model, V4Config), "model", "must be a V4Config")
+        need(isinstance(self.optim, OptimizerConfig), "optim", "must be an OptimizerConfig")
+        need(isinstance(self.runtime, Runtime), "runtime", "must be a Runtime")
+        need(is_str(self.name), "name", "must be a non-empty string")
         for f in ("seq_len", "batch_size", "total_steps", "log_every", "eval_every", "checkpoint_every",
-                  "keep_checkpoints"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 1, f, "must be an integer >= 1")
-        for f in ("dense_attention_steps", "indexer_warmup_steps"):
-            need(isinstance(getattr(self, f), int) and getattr(self, f) >= 0, f, "must be an integer >= 0")
+                  "keep_checkpoints", "max_consecutive_skips", "spike_window"):
+            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "must be an integer >= 1")
+        for f in ("dense_attention_steps", "indexer_warmup_steps", "seed"):
+            need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "must be an integer >= 0")
         for f in ("mtp_weight", "mtp_weight_after_decay", "balance_weight", "bias_update_speed",
                   "indexer_loss_weight"):
-            need(getattr(self, f) >= 0, f, "must be >= 0")
+            need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "must be a finite number >= 0")
+        for f in ("async_checkpointing", "checkpoint_checksums"):
+            need(isinstance(getattr(self, f), bool), f, "must be true or false")
+        need(self.data_dir is None or is_str(self.data_dir), "data_dir", "must be None or a path")
+        need(self.spike_factor is None or (is_num(self.spike_factor) and self.spike_factor > 1), "spike_factor",
+             "must be None (off) or a number > 1 (a multiple of the running median loss)")
+        need(self.spike_action in ("report", "skip"), "spike_action", "must be 'report' or 'skip'")
         need(isinstance(self.tokenizer, str) and (self.tokenizer in ("bpe", "byte") or self.tokenizer.endswith(".json")
                                                   or os.path.isdir(self.tokenizer)), "tokenizer",
              "must be 'bpe', 'byte' or the path of a tokenizer.json (or of a directory holding one)")
@@ -97,9 +121,12 @@ class TrainConfig:
         need(isinstance(self.eval_fraction, (int, float)) and 0.0 < self.eval_fraction < 1.0, "eval_fraction",
              "must be in (0, 1)")
         need(isinstance(self.text_field, str) and self.text_field != "", "text_field", "must be a non-empty string")
-        need(self.eval_batches is None or self.eval_batches >= 1, "eval_batches", "must be None or >= 1")
+        need(self.eval_batches is None or (is_int(self.eval_batches) and self.eval_batches >= 1), "eval_batches",
+             "must be None or an integer >= 1")
+        need(self.seq_len >= 2, "seq_len", "must be >= 2 (a row needs a next token for every position)")
         need(self.seq_len + 1 <= self.model.max_seq_len, "seq_len", "must be < model.max_seq_len")
         need(self.model.dtype in ("float32", "bfloat16"), "model", "dtype must be float32 or bfloat16")
+        need(self.mesh is None or is_str(self.mesh), "mesh", "must be None or a mesh spec such as 'data=2,fsdp=4'")
         if self.mesh is not None:
             from v4jax.parallel.mesh import parse_mesh
 
@@ -151,10 +178,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"TrainConfig has no field(s) {sorted(unknown)}")
+        for part in ("model", "optim"):
+            if not isinstance(d.get(part), dict):
+                raise ConfigError(f"TrainConfig.{part}: must be an object of {part} settings "
+                                  f"(got {d.get(part, 'nothing')!r})")
         model = dict(d["model"])
         # configs written before the runtime options left V4Config carry them in "model"
         legacy = {k: model.pop(k) for k in ("attention_impl", "moe_impl", "dense_compressed_attention") if k in model}
@@ -166,7 +199,10 @@ class TrainConfig:
             d["runtime"] = Runtime.from_dict(rt)
         except ValueError as e:
             raise ConfigError(f"TrainConfig.runtime: {e}") from None
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:       # a missing required field
+            raise ConfigError(f"TrainConfig: {e}") from None
 
     def to_json(self, path) -> None:
         with open(path, "w") as f:
@@ -174,8 +210,15 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path) -> "TrainConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"run config {os.fspath(path)!r} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"run config {os.fspath(path)!r}: {e}") from None
 
     def override(self, assignments: list[str]) -> "TrainConfig":
         """Apply ``key=value`` strings; ``model.`` / ``optim.`` / ``runtime.`` prefixes reach the nested configs.
@@ -227,7 +270,10 @@ def _build(cls, d: dict[str, Any]):
                                                                               for a in typing.get_args(t)))):
             v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
         kw[k] = v
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except TypeError as e:           # a missing required field
+        raise ConfigError(f"{cls.__name__}: {e}") from None
 
 
 # -- presets ------------------------------------------------------------------------------------

@@ -67,8 +67,18 @@ def read_metrics(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:   # a line cut short by a crash mid-write: dropped (resume rewrites it)
+                import warnings
+
+                warnings.warn(f"{path}: line {n} is not complete JSON (a crash while writing it?); ignored")
+    return rows
 
 
 def plot_losses(workdir: str, out: str | None = None) -> str:

@@ -5,7 +5,10 @@ router biases and hash tables, outside the gradient); ``train_step(state, batch)
 metrics)`` is jitted once per curriculum stage (see ``v4jax.train.config``).
 
 A step whose loss or gradient is not finite applies nothing (parameters, optimizer state and
-biases stay as they were; the step counter advances) and reports ``skipped = 1``.
+biases stay as they were; the step counter advances) and reports ``skipped = nonfinite = 1``.
+``train_step(state, batch, loss_limit)`` also flags ``spike = 1`` when the LM loss exceeds
+``loss_limit`` (the loop passes ``spike_factor`` x the running median); with
+``spike_action="skip"`` such a step is not applied either (``skipped = 1``).
 """
 
 from __future__ import annotations
@@ -157,14 +160,20 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
     if stage is not None and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
 
-    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+    skip_spikes = cfg.spike_action == "skip" and cfg.spike_factor is not None
+
+    def train_step(state: State, batch: dict, loss_limit=None) -> tuple[State, dict]:
         step = state["step"]
+        if loss_limit is None:
+            loss_limit = jnp.float32(jnp.inf)
         sid = stage_id(cfg, step) if stage is None else _as_id(stage)
         grad_fn = jax.value_and_grad(_forward_losses, argnums=2, has_aux=True)
         (loss, (aux, stats, mtp_stats)), grads = grad_fn(cfg, sid, state["params"], state["buffers"], batch, step)
         grads = _mask_by_path(grads, jax.tree.map(jnp.zeros_like, grads), sid)
         gnorm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+        spike = finite & (aux["lm_loss"] > loss_limit)
+        applied = finite & ~spike if skip_spikes else finite
 
         def apply(grads):
             updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -182,10 +191,11 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
 
         # a conditional, not a select over the whole state: only the taken branch runs, and the
         # update writes straight into the (donated) state buffers
-        params, opt_state, buffers = jax.lax.cond(finite, apply, keep, grads)
+        params, opt_state, buffers = jax.lax.cond(applied, apply, keep, grads)
         new_state = {"step": step + 1, "params": params, "opt_state": opt_state, "buffers": buffers,
                      "rng": state["rng"]}
-        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~finite).astype(jnp.int32), "stage": jnp.asarray(sid, jnp.int32), **aux}
+        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": (~applied).astype(jnp.int32),
+                   "nonfinite": (~finite).astype(jnp.int32), "spike": spike.astype(jnp.int32), "stage": jnp.asarray(sid, jnp.int32), **aux}
         if lr_fn is not None:
             metrics["lr"] = lr_fn(step)
         metrics["moe_dropped"] = sum(jnp.sum(st["dropped"]) for st in stats) + (
@@ -198,15 +208,38 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
 
     if not jit:
         return train_step
-    if mesh is None:
-        return jax.jit(train_step, donate_argnums=(0,))
-    from v4jax.parallel.mesh import batch_sharding, replicated, under_mesh
+    from v4jax.parallel.mesh import mesh_context
 
-    sh = state_shardings(cfg, tx, mesh)
-    bsh = batch_sharding(mesh, cfg.batch_size)
-    step_fn = jax.jit(train_step, donate_argnums=(0,), in_shardings=(sh, {"tokens": bsh, "segment_ids": bsh}),
-                      out_shardings=(sh, replicated(mesh)))
-    return under_mesh(step_fn, mesh)
+    if mesh is None:
+        jitted = jax.jit(train_step, donate_argnums=(0,))
+    else:
+        from v4jax.parallel.mesh import batch_sharding, replicated
+
+        sh = state_shardings(cfg, tx, mesh)
+        bsh = batch_sharding(mesh, cfg.batch_size)
+        jitted = jax.jit(train_step, donate_argnums=(0,),
+                         in_shardings=(sh, {"tokens": bsh, "segment_ids": bsh}, replicated(mesh)),
+                         out_shardings=(sh, replicated(mesh)))
+
+    def _limit(loss_limit):
+        return jnp.float32(jnp.inf) if loss_limit is None else loss_limit
+
+    def run(state: State, batch: dict, loss_limit=None):
+        """``loss_limit``: the spike limit on the LM loss (an fp32 scalar; default: none)."""
+        if mesh is None:
+            return jitted(state, batch, _limit(loss_limit))
+        with mesh_context(mesh):
+            return jitted(state, batch, _limit(loss_limit))
+
+    def lower(state, batch, loss_limit=None):
+        """``jax.jit(...).lower`` of the step (under the mesh when there is one)."""
+        if mesh is None:
+            return jitted.lower(state, batch, _limit(loss_limit))
+        with mesh_context(mesh):
+            return jitted.lower(state, batch, _limit(loss_limit))
+
+    run.lower, run.jitted = lower, jitted
+    return run
 
 
 
