@@ -21,9 +21,13 @@ every 250 steps, 3 kept).
 
 What is measured, in this process:
 
-- host RSS (``psutil``) from a background thread every ``--interval`` s and at every metrics row
-  (``on_log``), with the step (background samples get the step interpolated between rows), plus
-  the thread count, open files and ``len(jax.live_arrays())`` at each row;
+- host memory from a background thread every ``--interval`` s and at every metrics row
+  (``on_log``), with the step (background samples get the step interpolated between rows): RSS
+  and its parts from ``/proc/self/status`` (``RssAnon``: heap and arrays, where a leak shows;
+  ``RssFile``: mapped libraries and files, which the kernel drops and re-reads under memory
+  pressure from other processes, so RSS alone can fall by a GiB and hide a leak) and glibc's
+  ``mallinfo2`` bytes in use and free-but-held; plus the thread count, open files and ``len(jax.live_arrays())`` at
+  each row, and the gc-tracked Python objects by type every 500 steps;
 - every XLA compilation, through ``jax.monitoring`` (the ``/jax/core/compile/backend_compile_duration``
   event, whose ``fun_name`` names the function), with the time, the thread and the last logged
   step; ``jax_log_compiles`` is on as well and its "Compiling ... with global shapes" records are
@@ -32,8 +36,8 @@ What is measured, in this process:
 Warm-up ends after the first checkpoint (step ``--warmup-steps``, default ``checkpoint_every``):
 by then every code path of the loop (first train step, step-0 evaluation, first checkpoint) has
 run once. Any compile after it fails the run (``--allow REGEX`` exempts a function name), as does
-RSS growth over the second half of the run above ``--max-growth-mib`` (the least-squares slope of
-RSS vs step times the length of the second half). Writes ``<out>/soak.json`` and ``<out>/rss.png``
+growth of RSS or of RssAnon over the second half of the run above ``--max-growth-mib`` (the
+least-squares slope vs step over all samples of the second half, times its length). Writes ``<out>/soak.json`` and ``<out>/rss.png``
 (RSS vs step, compile events, evaluations and checkpoints marked) and prints a summary.
 """
 
@@ -76,8 +80,26 @@ def schedule(steps: int, seq_len: int, batch_size: int, log_every: int, ns_iters
                     [list(c) for c in V4_NS_COEFFS[:ns_iters]], separators=(",", ":"))])
 
 
+def _mallinfo():
+    """glibc ``mallinfo2`` (None elsewhere): heap bytes in use / held free by malloc."""
+    import ctypes
+
+    class M(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    try:
+        f = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    f.restype = M
+    return f
+
+
 class Monitor:
-    """RSS samples (background thread + metrics rows) and compile events, each with a step."""
+    """Memory samples (background thread + metrics rows) and compile events, each with a step.
+    A sample holds ``rss`` (VmRSS) split into ``anon`` (RssAnon: heap, arrays, what a leak grows)
+    and ``file`` (RssFile + RssShmem: mapped libraries and files, which the kernel may drop and
+    re-read under memory pressure), and ``heap`` (glibc malloc bytes in use, ``mallinfo2``)."""
 
     def __init__(self, interval: float):
         import psutil
@@ -92,6 +114,7 @@ class Monitor:
         self.compiles: list[dict] = []
         self.compile_logs: list[dict] = []
         self.messages: list[dict] = []
+        self.gc_types: dict = {}
         self.last_step: int | None = None   # step of the last train row (None: before the first)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="soak-rss", daemon=True)
@@ -99,12 +122,31 @@ class Monitor:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
+    _minfo = None
+
+    def mem(self) -> dict:
+        out = {}
+        try:
+            with open("/proc/self/status") as f:
+                kv = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "RssAnon", "RssFile", "RssShmem")))
+            kb = {k: int(v.split()[0]) * 1024 for k, v in kv.items()}
+            out = {"rss": kb["VmRSS"], "anon": kb["RssAnon"], "file": kb["RssFile"] + kb.get("RssShmem", 0)}
+        except (OSError, KeyError, ValueError):
+            out = {"rss": self.proc.memory_info().rss}
+        if Monitor._minfo is None:
+            Monitor._minfo = _mallinfo() or False
+        if Monitor._minfo:
+            m = Monitor._minfo()
+            out["heap"] = m.uordblks + m.hblkhd
+            out["heap_free"] = m.fordblks           # freed, still held by malloc (counted in RssAnon when touched)
+        return out
+
     def rss(self) -> int:
-        return self.proc.memory_info().rss
+        return self.mem()["rss"]
 
     def _run(self):
         while not self._stop.wait(self.interval):
-            s = {"t": self.now(), "rss": self.rss(), "src": "bg"}
+            s = {"t": self.now(), **self.mem(), "src": "bg"}
             with self.lock:
                 self.samples.append(s)
 
@@ -118,13 +160,13 @@ class Monitor:
             lg = logging.getLogger(name)
             lg.addHandler(h)
             lg.propagate = False            # keep the WARNING-level compile logs out of stderr
-        self.samples.append({"t": self.now(), "rss": self.rss(), "src": "start"})
+        self.samples.append({"t": self.now(), **self.mem(), "src": "start"})
         self._thread.start()
 
     def stop(self):
         self._stop.set()
         self._thread.join()
-        self.samples.append({"t": self.now(), "rss": self.rss(), "src": "end"})
+        self.samples.append({"t": self.now(), **self.mem(), "src": "end"})
 
     def on_event(self, event: str, duration: float, **kw):
         if event != COMPILE_EVENT:
@@ -136,23 +178,28 @@ class Monitor:
     def on_log(self, row: dict):
         import jax
 
-        t, rss = self.now(), self.rss()
+        t, m = self.now(), self.mem()
+        rss = m["rss"]
         if row.get("eval"):
             self.evals.append({"t": t, "step": int(row["step"]), "loss": float(row["loss"]), "rss": rss})
             with self.lock:
-                self.samples.append({"t": t, "rss": rss, "src": "eval", "step": int(row["step"])})
+                self.samples.append({"t": t, **m, "src": "eval", "step": int(row["step"])})
             return
         step = int(row["step"])
         r = {"t": t, "step": step, "rss": rss, "tokens_per_s": float(row["tokens_per_s"]),
              "loss": float(row["loss"]), "stage": row.get("stage"), "threads": self.proc.num_threads(),
              "open_files": len(self.proc.open_files()), "live_arrays": len(jax.live_arrays())}
-        if step % 500 == 0:
+        if step % 500 == 0:          # Python objects tracked by gc, by type (growth -> a leak of Python objects)
             import gc
+            from collections import Counter
 
-            r["gc_objects"] = len(gc.get_objects())
+            objs = gc.get_objects()
+            r["gc_objects"] = len(objs)
+            self.gc_types[step] = Counter(type(o).__qualname__ for o in objs)
+            del objs
         self.rows.append(r)
         with self.lock:
-            self.samples.append({"t": t, "rss": rss, "src": "row", "step": step})
+            self.samples.append({"t": t, **m, "src": "row", "step": step})
             self.last_step = step
 
     def log(self, msg: str, *a, **k):
@@ -215,6 +262,20 @@ def analyse(mon: Monitor, args, cfg, warmup: int, wall: float, train_wall: float
     fit = [float(v) for v in np.polyfit(x, y, 1)] if len(x) >= 3 and np.ptp(x) > 0 else [float("nan")] * 2
     slope = fit[0] * 1000
     growth_fit = slope * (steps - half) / 1000
+    # the same fit for the parts of RSS: anonymous memory (a leak), file-backed pages, malloc's heap in use
+    parts = {}
+    for key in ("anon", "file", "heap", "heap_free"):
+        pts = [(s["step"], s[key] / MiB) for s in second if key in s]
+        if len(pts) >= 3:
+            k = float(np.polyfit(*zip(*pts), 1)[0]) * 1000
+            vals = [s[key] / MiB for s in samples if key in s]
+            parts[key] = {"slope_second_half_mib_per_1000_steps": round(k, 3),
+                          "fit_growth_second_half_mib": round(k * (steps - half) / 1000, 2),
+                          "after_warmup": _r(_near(samples, warmup + cfg.log_every, key)),
+                          "middle": _r(_near(samples, half, key)), "last_row": _r(_near(samples, steps, key)),
+                          "min_second_half": round(min(p[1] for p in pts), 1),
+                          "max_second_half": round(max(p[1] for p in pts), 1), "peak": round(max(vals), 1)}
+    growth_anon = parts.get("anon", {}).get("fit_growth_second_half_mib", float("-inf"))
     # less noisy views: RSS at the metrics rows only (the loop is between steps there: no step in
     # flight), and the median / minimum of each 100-step bin (a leak lifts the floor as well as the peaks)
     rows2 = [(r["step"], r["rss"] / MiB) for r in mon.rows if r["step"] >= half]
@@ -241,7 +302,14 @@ def analyse(mon: Monitor, args, cfg, warmup: int, wall: float, train_wall: float
     ru_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB on Linux
     threads = [r["threads"] for r in mon.rows]
     live = [r["live_arrays"] for r in mon.rows]
-    ok_rss = growth_fit <= args.max_growth_mib
+    # a leak shows in RssAnon; file-backed pages can fall under memory pressure and hide it in RSS: both must pass
+    ok_rss = growth_fit <= args.max_growth_mib and growth_anon <= args.max_growth_mib
+    gc_growth = {}
+    if len(mon.gc_types) >= 2:
+        ks = sorted(mon.gc_types)
+        a, b = mon.gc_types[ks[0]], mon.gc_types[ks[-1]]
+        gc_growth = {"from_step": ks[0], "to_step": ks[-1], "types": dict(sorted(
+            ((t, b[t] - a.get(t, 0)) for t in b if b[t] - a.get(t, 0) > 0), key=lambda kv: -kv[1])[:15])}
     ok_compile = not unexpected
     return {
         "ok": bool(ok_rss and ok_compile), "ok_rss": bool(ok_rss), "ok_compiles": bool(ok_compile),
@@ -274,11 +342,13 @@ def analyse(mon: Monitor, args, cfg, warmup: int, wall: float, train_wall: float
                     "fit_growth_second_half_mib": round(growth_fit, 2), "n_samples_second_half": int(len(x)),
                     "slope_second_half_rows_only": round(slope_rows, 3),
                     "slope_second_half_bin_medians": round(slope_bins, 3),
-                    "slope_second_half_bin_minima": round(slope_floor, 3), "bins_100_steps": binned},
+                    "slope_second_half_bin_minima": round(slope_floor, 3), "bins_100_steps": binned,
+                    "parts": parts},
         "threads": {"after_warmup": threads[min(len(threads) - 1, len([r for r in mon.rows if r["t"] <= t_warm]))],
                     "end": threads[-1], "max": max(threads)},
         "live_arrays": {"first_row": live[0], "end": live[-1], "max": max(live)},
         "gc_objects": {r["step"]: r["gc_objects"] for r in mon.rows if "gc_objects" in r},
+        "gc_growth_by_type": gc_growth,
         "tokens_per_s": {"median_row_after_warmup": round(float(np.median(tps)), 1),
                          "mean_row_after_warmup": round(float(np.mean(tps)), 1),
                          "loop_average": round(tokens / max(t_last - t_first, 1e-9), 1)},
@@ -294,10 +364,16 @@ def analyse(mon: Monitor, args, cfg, warmup: int, wall: float, train_wall: float
                 "grain": getattr(__import__("grain"), "__version__", None),
                 "backend": __import__("jax").default_backend(), "cpus": os.cpu_count(),
                 "machine": platform.machine(), "load_avg_end": list(os.getloadavg())},
-        "samples": [{"t": round(s["t"], 2), "step": round(s["step"], 1), "rss_mib": round(s["rss"] / MiB, 2),
-                     "src": s["src"]} for s in samples],
+        "samples": [{"t": round(s["t"], 2), "step": round(s["step"], 1), "src": s["src"],
+                     **{k + "_mib": round(s[k] / MiB, 2) for k in ("rss", "anon", "file", "heap", "heap_free") if k in s}}
+                    for s in samples],
         "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in mon.rows],
     }
+
+
+def _near(samples, step, key):
+    cand = [s for s in samples if s["src"] in ("row", "bg") and s["step"] >= step and key in s]
+    return cand[0][key] / MiB if cand else None
 
 
 def _r(v):
@@ -319,7 +395,7 @@ def plot(rep: dict, path: str) -> None:
     import numpy as np
 
     s = rep["samples"]
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5.6))
     bg = [(x["step"], x["rss_mib"]) for x in s if x["src"] == "bg"]
     rw = [(x["step"], x["rss_mib"]) for x in s if x["src"] == "row"]
     ev = [(x["step"], x["rss_mib"]) for x in s if x["src"] == "eval"]
@@ -329,6 +405,11 @@ def plot(rep: dict, path: str) -> None:
         ax.plot(*zip(*rw), ".", ms=2.5, color="tab:orange", label="RSS at metrics rows")
     if ev:
         ax.plot(*zip(*ev), "^", ms=6, color="tab:green", label="evaluation")
+    for key, col, lab in (("anon", "tab:brown", "RssAnon (heap, arrays)"), ("file", "tab:gray", "RssFile (mapped files)"),
+                          ("heap", "tab:olive", "malloc in use"), ("heap_free", "tab:cyan", "malloc free, held")):
+        pts = [(x["step"], x[key + "_mib"]) for x in s if x["src"] == "bg" and key + "_mib" in x]
+        if pts:
+            ax.plot(*zip(*pts), lw=0.6, color=col, alpha=0.8, label=lab)
     ck = [int(m.group(1)) for m in (re.search(r"checkpoint step (\d+)", c) for c in rep["checkpoints"]) if m]
     for i, c in enumerate(ck):
         ax.axvline(c, color="0.7", lw=0.6, ls=":", label="checkpoint" if i == 0 else None)
@@ -352,9 +433,10 @@ def plot(rep: dict, path: str) -> None:
                  f"{rep['compiles']['total']} compiles ({rep['compiles']['after_warmup']} after warm-up), "
                  f"peak {r['peak_sampled']:.0f} MiB", fontsize=10)
     ax.set_xlabel("step")
-    ax.set_ylabel("host RSS (MiB)")
+    ax.set_ylabel("host memory (MiB)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -378,6 +460,10 @@ def summary(rep: dict) -> str:
              f"{r['second_half_min']}-{r['second_half_max']} over {r['n_samples_second_half']} samples; slope of the "
              f"rows only {r['slope_second_half_rows_only']:+.2f}, of 100-step medians "
              f"{r['slope_second_half_bin_medians']:+.2f}, of 100-step minima {r['slope_second_half_bin_minima']:+.2f}",
+             "  parts, fitted 2nd-half growth MiB: " + ", ".join(
+                 f"{k} {v['fit_growth_second_half_mib']:+.1f} (after warm-up {v['after_warmup']}, middle {v['middle']}, "
+                 f"end {v['last_row']}, peak {v['peak']})" for k, v in r["parts"].items()),
+             f"  gc-tracked objects grown by type {rep['gc_growth_by_type']}",
              f"  threads {rep['threads']['after_warmup']} -> {rep['threads']['end']} (max {rep['threads']['max']}), "
              f"live jax arrays {rep['live_arrays']['first_row']} -> {rep['live_arrays']['end']} "
              f"(max {rep['live_arrays']['max']}), gc objects {rep['gc_objects']}",
@@ -440,6 +526,9 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
     rep = analyse(mon, args, cfg, warmup, wall, train_wall, result)
     rep["workdir"] = workdir if (not tmp or args.keep) else None
+    rep["stopped_by"] = result.stopped_by
+    if result.stopped_by or result.step < args.steps:
+        rep["ok"] = False
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "soak.json"), "w") as f:
         json.dump(rep, f, indent=1)
@@ -449,6 +538,9 @@ def main(argv=None) -> int:
         print(f"  compile {c['phase']:>12} t={c['t']:7.1f}s step~{c['step']:7.1f} (after row {c['after_row']}) "
               f"{c['seconds']:7.3f}s [{c['thread']}] {c['fun_name']}")
     print(f"wrote {os.path.join(args.out, 'soak.json')} and {os.path.join(args.out, 'rss.png')}")
+    if result.stopped_by:
+        print(f"soak: INCOMPLETE: train() was stopped by {result.stopped_by} at step {result.step} of {args.steps}")
+        return 2
     return 0 if rep["ok"] else 1
 
 
