@@ -3,7 +3,8 @@ recompile after its first steps. Both are measured, on the real loop (``v4jax.tr
 grain data pipeline, jitted train step over the three curriculum stages, periodic evaluation,
 orbax async checkpoints with checksums, metrics.jsonl + TensorBoard, the tqdm bar).
 
-    .venv/bin/python experiments/soak.py                          # 3000 steps (~15-20 min, 2-core CPU)
+    .venv/bin/python experiments/soak.py                          # 3000 steps: ~32 min on an idle 2-core CPU
+    .venv/bin/python experiments/soak.py --steps 1500             # ~16 min (same schedule, scaled)
     .venv/bin/python experiments/soak.py --steps 300 --keep       # a short check; keep the workdir
     nice -n 5 .venv/bin/python experiments/soak.py --out experiments/results/soak > /tmp/soak.log 2>&1
 
@@ -11,13 +12,14 @@ The model is the ``tiny`` preset's architecture unchanged; only the loop and dat
 small so that one step is cheap: 2 x 64 tokens per step (``--batch-size``, ``--seq-len``), and Muon
 with 1 of its 10 Newton-Schulz iterations (``--ns-iters``; 10 = the preset's optimizer). On a CPU the
 tiny step is dominated by Muon, not by the tokens: the orthogonalisation of the ~27M parameters'
-matrices costs ~1.5 s per step with 10 iterations while the forward of 2 x 32 tokens takes 0.06 s,
-and 2 x 32, 2 x 64 and 2 x 128 tokens cost about the same. The NS loop is a ``lax.scan`` inside the
-same jitted step, so its length changes neither what is compiled nor what is allocated per step.
-The schedule
-scales with ``--steps`` (3000: dense attention for steps 0-199, indexer warm-up 200-299, sparse from
-300; a log row every 10 steps, evaluation of 2 batches at step 0 and every 500 steps, a checkpoint
-every 250 steps, 3 kept).
+matrices costs ~1.6 s per step with 10 iterations (a shared 2-core CPU) while the forward of 2 x 32
+tokens takes 0.06 s, and 2 x 32, 2 x 64 and 2 x 128 tokens cost about the same; with 1 iteration a
+step of 2 x 64 tokens takes ~0.55 s (idle) to ~0.9 s (shared), so 3000 steps take 30-50 minutes.
+The NS loop is a ``lax.scan`` inside the same jitted step, so its length changes neither what is
+compiled nor what is allocated per step. (``batch_size=1`` does not work: grain's
+``repeat(None).batch(1)`` overflows ``len``.) The schedule scales with ``--steps`` (3000: dense
+attention for steps 0-199, indexer warm-up 200-299, sparse from 300; a log row every 10 steps,
+evaluation of 2 batches at step 0 and every 500 steps, a checkpoint every 250 steps, 3 kept).
 
 What is measured, in this process:
 
@@ -26,8 +28,8 @@ What is measured, in this process:
   and its parts from ``/proc/self/status`` (``RssAnon``: heap and arrays, where a leak shows;
   ``RssFile``: mapped libraries and files, which the kernel drops and re-reads under memory
   pressure from other processes, so RSS alone can fall by a GiB and hide a leak) and glibc's
-  ``mallinfo2`` bytes in use and free-but-held; plus the thread count, open files and ``len(jax.live_arrays())`` at
-  each row, and the gc-tracked Python objects by type every 500 steps;
+  ``mallinfo2`` bytes in use and free-but-held; plus the thread count, open files and
+  ``len(jax.live_arrays())`` at each row, and the gc-tracked Python objects by type every 500 steps;
 - every XLA compilation, through ``jax.monitoring`` (the ``/jax/core/compile/backend_compile_duration``
   event, whose ``fun_name`` names the function), with the time, the thread and the last logged
   step; ``jax_log_compiles`` is on as well and its "Compiling ... with global shapes" records are
@@ -37,8 +39,9 @@ Warm-up ends after the first checkpoint (step ``--warmup-steps``, default ``chec
 by then every code path of the loop (first train step, step-0 evaluation, first checkpoint) has
 run once. Any compile after it fails the run (``--allow REGEX`` exempts a function name), as does
 growth of RSS or of RssAnon over the second half of the run above ``--max-growth-mib`` (the
-least-squares slope vs step over all samples of the second half, times its length). Writes ``<out>/soak.json`` and ``<out>/rss.png``
-(RSS vs step, compile events, evaluations and checkpoints marked) and prints a summary.
+least-squares slope vs step over all samples of the second half, times its length); a run stopped
+by a signal exits 2. Writes ``<out>/soak.json`` and ``<out>/rss.png`` (memory vs step, compile
+events, evaluations and checkpoints marked) and prints a summary.
 """
 
 from __future__ import annotations
