@@ -26,6 +26,22 @@ class InputError(ValueError):
     the model's ``max_seq_len`` or than the cache)."""
 
 
+def prompt_lengths(lengths, batch: int, width: int) -> np.ndarray:
+    """Per-row prompt lengths of right-padded prompts ``[batch, width]`` (default: all ``width``)
+    as int32, each in ``[1, width]``."""
+    out = np.full((batch,), width, np.int32) if lengths is None else np.asarray(lengths)
+    if (out.shape != (batch,) or not np.issubdtype(out.dtype, np.integer) or (out < 1).any()
+            or (out > width).any()):
+        raise InputError(f"lengths must be {batch} integers in [1, {width}], got {np.asarray(lengths).tolist()}")
+    return out.astype(np.int32)
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise InputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+
+
 def check_token_ids(ids: Any, vocab_size: int, max_len: int | None = None, rank: int = 2) -> jnp.ndarray:
     """Validate integer token ids ``[B, T]`` (``rank=1``: ``[B]``, one per sequence) eagerly and
     return them as int32: integer dtype, non-empty, every id in ``[0, vocab_size)``, and with
@@ -231,18 +247,12 @@ class V4Model:
         lengths are given by ``lengths [B]``. Returns (logits ``[B, P, vocab]``, cache)."""
         ids = self._ids(ids)
         B, T = ids.shape
-        lengths = np.full((B,), T, np.int32) if lengths is None else np.asarray(lengths)
-        if (lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer) or (lengths < 1).any()
-                or (lengths > T).any()):
-            raise InputError(f"lengths must be {B} integers in [1, {T}], got {np.asarray(lengths).tolist()}")
-        lengths = lengths.astype(np.int32)
+        lengths = prompt_lengths(lengths, B, T)
         max_len = T if max_len is None else max_len
         longest = int(lengths.max())
         if isinstance(max_len, (int, np.integer)) and not isinstance(max_len, bool) and max_len < longest:
             raise InputError(f"prefill: max_len {max_len} is shorter than the longest prompt ({longest} tokens)")
-        if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
-                                       or chunk_size < 1):
-            raise InputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         cache = self.new_cache(B, max_len, fmt)
         chunk_size = chunk_size or T
         outs = []
@@ -296,14 +306,10 @@ class V4Model:
                 raise InputError(f"speculative must be None or 'mtp', got {speculative!r}")
             if not self.cfg.n_mtp_layers:
                 raise InputError("speculative='mtp' needs a model with an MTP block; this config has n_mtp_layers = 0")
-            if (lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer) or (lengths < 1).any()
-                    or (lengths > P).any()):
-                raise InputError(f"lengths must be {B} integers in [1, {P}], got {np.asarray(lengths).tolist()}")
-            if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-                raise InputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+            check_chunk_size(chunk_size)
             if cache_format not in ("native", "fp8"):
                 raise InputError(f"cache format must be 'native' or 'fp8', got {cache_format!r}")
-            return generate_speculative(self, ids, lengths.astype(np.int32), int(max_new_tokens), float(temperature),
+            return generate_speculative(self, ids, prompt_lengths(lengths, B, P), int(max_new_tokens), float(temperature),
                                         float(top_p), seed, stop, chunk_size, on_token, cache_format, stats)
         if prefix_cache is not None:
             from v4jax.inference.prefix_cache import prefill_with_cache

@@ -849,22 +849,17 @@ def prefill_with_cache(model, ids, lengths=None, max_len: int | None = None, fmt
     at those positions. Chunks are at most ``chunk_size`` tokens, padded up to a power of two (few
     compiles). ``info`` (a dict, optional) receives ``hits`` (restored length per row) and
     ``stored`` (list of ``(row, length)``)."""
-    from v4jax.api import InputError, check_token_ids
+    from v4jax.api import InputError, check_chunk_size, check_token_ids, prompt_lengths
 
     cfg = model.cfg
     ids = np.asarray(check_token_ids(ids, cfg.vocab_size, cfg.max_seq_len))
     B, P = ids.shape
-    lengths = np.full((B,), P, np.int64) if lengths is None else np.asarray(lengths)
-    if (lengths.shape != (B,) or not np.issubdtype(lengths.dtype, np.integer) or (lengths < 1).any()
-            or (lengths > P).any()):
-        raise InputError(f"lengths must be {B} integers in [1, {P}], got {np.asarray(lengths).tolist()}")
-    lengths = lengths.astype(np.int64)
+    lengths = prompt_lengths(lengths, B, P).astype(np.int64)
     max_len = P if max_len is None else int(max_len)
     if max_len < int(lengths.max()):
         raise InputError(f"prefill_with_cache: max_len {max_len} is shorter than the longest prompt "
                          f"({int(lengths.max())} tokens)")
-    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-        raise InputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     cache = model.new_cache(B, max_len, fmt)
     pos = np.zeros((B,), np.int64)
     stops = [[] for _ in range(B)]

@@ -272,7 +272,14 @@ def make_eval_step(cfg: TrainConfig, jit: bool = True, mesh=None):
     return jax.jit(eval_step) if mesh is None else under_mesh(jax.jit(eval_step), mesh)
 
 
+@jax.jit
+def _all_finite(leaves):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def all_finite(tree) -> bool:
-    """True when every floating leaf of ``tree`` is finite (checked before any checkpoint write)."""
+    """True when every floating leaf of ``tree`` is finite (checked before any checkpoint write and
+    after a restore): one compiled reduction over the whole tree and one device-to-host read
+    (compiled once per tree structure, not once per leaf shape)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return bool(all(bool(jnp.all(jnp.isfinite(x))) for x in leaves))
+    return bool(_all_finite(leaves)) if leaves else True
