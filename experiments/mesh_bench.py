@@ -65,9 +65,9 @@ def main(argv=None) -> int:
 
     import jax
 
-    from v4jax.params import abstract_variables
     from v4jax.parallel.mesh import batch_sharding, make_mesh
-    from v4jax.sharding import logical_specs
+    from v4jax.parallel.placement import logical_specs
+    from v4jax.params import abstract_variables
     from v4jax.train.config import train_preset
     from v4jax.train.optimizer import make_optimizer
     from v4jax.train.step import abstract_state, make_train_step, state_shardings

@@ -144,7 +144,7 @@ def build_train(a):
     holder = {"state": state}
 
     def run(b):
-        holder["state"], m = compiled(holder["state"], b)
+        holder["state"], m = compiled(holder["state"], b, jnp.float32(jnp.inf))   # loss_limit: none
         return m
 
     desc = dict(preset=a.preset, batch=a.batch, seq=a.seq, optimizer=a.optimizer, mtp=a.mtp,

@@ -22,14 +22,15 @@ import argparse
 import os
 import sys
 
+from kernels_pallas import compressed_attention, indexer_scores, sparse_attention
+from kernels_pallas._common import abstract_gpu_mesh
+
 
 def kernel_cases(T=512, H=8, c=128, N=None, K=16, window=128, n_idx_heads=8, idx_dim=128, dtype="bfloat16",
                  backend="tpu"):
     """``[(name, fn, avals)]``: forward (with lse) and backward of every kernel."""
     import jax
     import jax.numpy as jnp
-
-    from kernels_pallas import compressed_attention, indexer_scores, sparse_attention
 
     dt = jnp.dtype(dtype)
     N4 = T // 4 if N is None else N
@@ -78,7 +79,6 @@ def lower(fn, avals, platform):
     import jax
 
     if platform == "cuda":
-        from kernels_pallas._common import abstract_gpu_mesh
         with jax.sharding.use_abstract_mesh(abstract_gpu_mesh()):
             return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
     return jax.jit(fn).trace(*avals).lower(lowering_platforms=(platform,)).as_text()

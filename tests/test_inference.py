@@ -6,11 +6,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import random_variables, small_config
 
 import v4jax
-from v4jax.api import InputError
-
-from conftest import random_variables, small_config
+from v4jax.inputs import InputError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 T = 40  # window 8, CSA ratio 4, HCA ratio 8
@@ -162,6 +161,7 @@ def test_greedy_generation_equals_transformers():
 
 def test_kv_formats_round_trip_bounds(rng):
     import jax.numpy as jnp
+
     from v4jax.attention import kv_format
     x = jnp.asarray(rng.normal(size=(2, 5, 128)) * np.exp(rng.normal(size=(2, 5, 1))), jnp.float32)
     main = kv_format.empty((2, 5, 128), jnp.float32, "fp8", rope_dim=64)

@@ -11,12 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables, small_config
 
 import v4jax
-from v4jax.api import InputError, check_token_ids
+from v4jax.inputs import InputError, check_token_ids
 from v4jax.model.transformer import Transformer, init_cache
-
-from conftest import random_variables, small_config
 
 MAX = 64
 VOCAB = 256

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_config
 
 import v4jax
-from v4jax.api import InputError
-
-from conftest import small_config
+from v4jax.inputs import InputError
 
 T = 40  # window 8, CSA ratio 4, HCA ratio 8: several blocks of each
 
@@ -52,8 +51,8 @@ def test_csa_with_large_topk_equals_dense(small_model):
 @pytest.fixture(scope="module")
 def lm_grads(small_model):
     """Gradient of the summed logits w.r.t. all params (one compile, shared by the tests below)."""
-    from v4jax.model.transformer import Transformer
     from v4jax.model.layout import unstack_layers
+    from v4jax.model.transformer import Transformer
     m = Transformer(small_model.cfg)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (1, 24)), jnp.int32)
     g = jax.jit(jax.grad(lambda p: m.apply({"params": p, "buffers": small_model.buffers}, ids,
@@ -62,8 +61,8 @@ def lm_grads(small_model):
 
 
 def test_hash_layers_select_by_token_only(small_model, lm_grads):
-    from v4jax.moe.router import hash_route
     from v4jax.model.layout import layer_tree
+    from v4jax.moe.router import hash_route
     table = layer_tree(small_model.cfg, small_model.buffers, 0)["ffn"]["gate"]["tid2eid"]
     sel = np.asarray(hash_route(jnp.array([[3, 3, 9]]), table))
     # same token -> same experts, k distinct experts per token

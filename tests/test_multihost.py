@@ -150,7 +150,8 @@ def weights() -> np.ndarray:
 def sharded_fn(mesh):
     """A jitted computation over the mesh: rows split over the batch axes, the weight over
     fsdp x expert, the contraction all-reduced across processes; replicated out."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     rep = NamedSharding(mesh, P())
 
@@ -224,8 +225,9 @@ CHILD = textwrap.dedent("""
 
 
 def test_two_processes_global_mesh_batch_compute_and_checkpoint(tmp_path):
-    from jax.sharding import NamedSharding, PartitionSpec as P
     import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from v4jax.data.pipeline import make_dataset
     from v4jax.parallel.mesh import make_mesh
@@ -307,11 +309,11 @@ def _rel(a, b) -> float:
 @pytest.mark.slow
 def test_v4jax_train_two_processes_equals_one_process_and_resumes_elsewhere(tmp_path):
     from v4jax.data.pipeline import make_dataset
+    from v4jax.parallel.placement import logical_specs
     from v4jax.train.config import TrainConfig
     from v4jax.train.loop import CONFIG_FILE, abstract_params, checkpoint_manager, restore_checkpoint
     from v4jax.train.metrics import read_metrics
     from v4jax.train.optimizer import make_optimizer
-    from v4jax.sharding import logical_specs
 
     next(make_dataset("train", SEQ, B, tokenizer="byte", shuffle=True))        # warm the data cache
     two, one = tmp_path / "two", tmp_path / "one"

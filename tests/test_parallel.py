@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import N_DEVICES, random_variables, small_config
 from jax.sharding import PartitionSpec as P
 
-from conftest import N_DEVICES, random_variables, small_config
 from v4jax.config import ConfigError
-from v4jax.parallel.mesh import (batch_sharding, make_mesh, mesh_context, parse_mesh, put_batch,
-                                 variables_shardings)
+from v4jax.parallel.mesh import batch_sharding, make_mesh, mesh_context, parse_mesh, put_batch
+from v4jax.parallel.placement import variables_shardings
 
 MESHES = ["data=8", "fsdp=8", "fsdp=2,expert=4", "data=2,fsdp=2,expert=2", "data=2,expert=2,tensor=2"]
 
@@ -72,8 +72,8 @@ def test_cli_rejects_a_mesh_that_does_not_fit(tmp_path, capsys):
 
 
 def test_state_is_created_sharded_with_the_one_device_values():
+    from v4jax.parallel.placement import logical_specs
     from v4jax.params import abstract_variables
-    from v4jax.sharding import logical_specs
     from v4jax.train.optimizer import make_optimizer
     from v4jax.train.step import init_state
 
@@ -126,7 +126,7 @@ def test_loss_and_gradients_on_a_mesh_equal_one_device(grad_case, spec):
 
 def test_muon_update_on_a_mesh_equals_one_device():
     """Newton-Schulz on gathered matrices (experts kept on their devices) = the one-device update."""
-    from v4jax.sharding import logical_specs
+    from v4jax.parallel.placement import logical_specs
     from v4jax.train.optimizer import OptimizerConfig, make_optimizer
 
     cfg = tiny_cfg()
@@ -154,8 +154,8 @@ def test_checkpoint_written_on_one_mesh_restores_onto_another(tmp_path):
     """The train state saved from data=2,fsdp=2,expert=2 restores onto fsdp=2,expert=2,tensor=2 with
     that mesh's shardings and the same values, and onto one device (``load_workdir`` too)."""
     from v4jax.checkpoint import load_workdir
+    from v4jax.parallel.placement import logical_specs
     from v4jax.params import abstract_variables
-    from v4jax.sharding import logical_specs
     from v4jax.train.loop import checkpoint_manager, restore_checkpoint, save_checkpoint
     from v4jax.train.optimizer import make_optimizer
     from v4jax.train.step import init_state, state_shardings
@@ -253,7 +253,7 @@ def test_expert_parallel_capacity_counts_the_dropped_pairs():
     """With ``ep_capacity`` the dropped pairs are exactly those past each device's block budget
     (counted in numpy from the routes), and the output is the one-device output without them."""
     from v4jax.moe.experts import block_rows, experts_dense
-    from v4jax.moe.moe import MoE, Gate
+    from v4jax.moe.moe import Gate, MoE
 
     cfg, m, v, x, ids = _moe_case(False)
     S, E, K, N, d = 4, 8, cfg.n_activated_experts, 48, 32

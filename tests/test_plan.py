@@ -98,7 +98,7 @@ SUB = textwrap.dedent("""
     from v4jax.parallel.mesh import make_mesh, parse_mesh
     from v4jax.parallel.plan import compile_memory, make_plan
     from v4jax.params import abstract_variables
-    from v4jax.sharding import logical_specs
+    from v4jax.parallel.placement import logical_specs
     from v4jax.train.config import TrainConfig
     from v4jax.train.optimizer import OptimizerConfig, make_optimizer
     from v4jax.train.step import init_state

@@ -215,7 +215,7 @@ def test_damaged_entry_warns_and_falls_back(model, prompts, snaps, tmp_path, dam
     if damage == "flip_payload":
         data[len(data) - 100] ^= 0x01
     elif damage == "flip_header":
-        data[pcm._PREAMBLE.size + 5] ^= 0x20
+        data[pcm.entry_file._PREAMBLE.size + 5] ^= 0x20
     elif damage == "truncate":
         data = data[: len(data) // 2]
     elif damage == "garbage":

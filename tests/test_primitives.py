@@ -13,7 +13,8 @@ from v4jax.attention.indexer import select_topk
 from v4jax.config import RopeSpec, preset
 from v4jax.hyper_connection import expand, sinkhorn, stream_mix
 from v4jax.layers.rope import apply_rope, inv_freq
-from v4jax.moe.experts import block_layout, block_rows, experts_blocked, experts_dense, experts_ragged
+from v4jax.moe.experts import (MIN_GROUP_LOAD, block_layout, block_rows, experts_blocked, experts_dense, experts_grouped,
+                               experts_ragged, group_capacities, group_layout)
 from v4jax.moe.router import affinity, gate_weights, sequence_balance_stats
 
 
@@ -288,21 +289,75 @@ def test_experts_blocked_partial_and_capacity(rng):
     assert int(n) == cap
 
 
+@pytest.mark.parametrize("routing", ["random", "skewed", "one_expert", "decode"])
+def test_experts_grouped_equals_dense_and_grads(rng, routing):
+    """The token-grouped dispatch is exact vs the oracle, values and grads, at every capacity level
+    and in its blocked fallback (a routing that fits no level, and decode-sized batches)."""
+    d, I, E, K = 8, 6, 6, 2
+    N = 3 if routing == "decode" else 96
+    if routing in ("random", "decode"):
+        idx = np.stack([rng.permutation(E)[:K] for _ in range(N)])
+    elif routing == "skewed":    # expert 0 holds 1.4x the balanced load (32): the 1.5x level
+        idx = np.stack([[0, 1 + t % 5] if t < 45 else [1 + t % 5, 1 + (t + 1) % 5] for t in range(N)])
+    else:                        # every token on expert 3 (3x the balanced load): no level fits
+        idx = np.stack([[3, t % 3] for t in range(N)])
+    loads = np.bincount(idx.reshape(-1), minlength=E)
+    if routing == "decode":
+        assert N * K < MIN_GROUP_LOAD * E
+    else:
+        caps = group_capacities(N * K, E)
+        assert caps == [-(-int(np.ceil(lv * N * K / E)) // 8) * 8 for lv in (1.25, 1.5, 2.0)]
+        assert int(np.sum(loads.max() > np.asarray(caps))) == {"random": 0, "skewed": 1, "one_expert": 3}[routing]
+    idx = jnp.asarray(idx, jnp.int32)
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    w = jnp.asarray(rng.random((N, K)), jnp.float32)
+    w1, w3 = (jnp.asarray(rng.normal(size=(E, d, I)) * 2, jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.normal(size=(E, I, d)), jnp.float32)
+    f = lambda ws, xx: experts_grouped(xx, idx, w, *ws, 10.0)
+    g = lambda ws, xx: experts_dense(xx, idx, w, *ws, 10.0)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)((w1, w2, w3), x)), np.asarray(g((w1, w2, w3), x)),
+                               rtol=1e-5, atol=1e-5)
+    ga = jax.jit(jax.grad(lambda ws, xx: f(ws, xx).sum() ** 2, argnums=(0, 1)))((w1, w2, w3), x)
+    gb = jax.grad(lambda ws, xx: g(ws, xx).sum() ** 2, argnums=(0, 1))((w1, w2, w3), x)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-5 * float(jnp.abs(v).max()))
+
+
+def test_group_layout_invariants(rng):
+    """With every load within C, each pair sits in exactly one valid slot of its expert's row
+    group; past C the pairs beyond an expert's first C (in pair order) have no slot."""
+    N, K, E = 40, 3, 7
+    idx_np = np.stack([rng.permutation(E)[:K] for _ in range(N)])
+    idx = jnp.asarray(idx_np, jnp.int32)
+    loads = np.bincount(idx_np.reshape(-1), minlength=E)
+    C = int(loads.max())
+    slot_pair, valid, pair_slot, ok = (np.asarray(a) for a in group_layout(idx, E, C))
+    assert slot_pair.shape == (E, C) and ok.all()
+    np.testing.assert_array_equal(valid.sum(1), loads)
+    np.testing.assert_array_equal(slot_pair.reshape(-1)[pair_slot.reshape(-1)], np.arange(N * K))
+    np.testing.assert_array_equal(pair_slot // C, idx_np)
+    C2 = C - 2
+    _, _, _, ok2 = (np.asarray(a) for a in group_layout(idx, E, C2))
+    flat = idx_np.reshape(-1)
+    within = np.array([np.sum(flat[:i] == flat[i]) for i in range(N * K)])
+    np.testing.assert_array_equal(ok2.reshape(-1), within < C2)
+
+
 def test_swiglu_clamp():
     from v4jax.moe.experts import swiglu
     g, v = jnp.array([20.0, -20.0]), jnp.array([20.0, -20.0])
     np.testing.assert_allclose(np.asarray(swiglu(g, v, 10.0)), [10 / (1 + math.exp(-10)) * 10, -20 / (1 + math.exp(20)) * -10], rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged", "auto"])
+@pytest.mark.parametrize("impl", ["grouped", "blocked", "ragged", "auto"])
 def test_moe_impls_equal_dense(impl):
     """Every ``Runtime.moe`` dispatch gives the dense oracle's values and grads through the MoE layer."""
     from v4jax.moe.moe import MoE
 
     cfg = preset("tiny", vocab_size=64, dim=32, moe_inter_dim=16, n_routed_experts=8)
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
-    ids = jnp.asarray(rng.integers(0, 64, (2, 5)), jnp.int32)
+    x = jnp.asarray(rng.standard_normal((2, 40, 32)), jnp.float32)   # 160 pairs: grouped runs its own path
+    ids = jnp.asarray(rng.integers(0, 64, (2, 40)), jnp.int32)
     ragged, dense = MoE(cfg.moe(False), impl=impl), MoE(cfg.moe(False), impl="dense")
     v = ragged.init(jax.random.key(0), x, ids)
     v = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.standard_normal(a.shape), a.dtype)

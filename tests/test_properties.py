@@ -447,9 +447,9 @@ CHUNKS = (8, 5, 3, 1)
 
 @pytest.fixture(scope="module")
 def cache_model():
-    import v4jax
-
     from conftest import random_variables, small_config
+
+    import v4jax
 
     cfg = small_config(max_seq_len=64)
     return v4jax.V4Model(cfg, random_variables(cfg, seed=5))
@@ -480,7 +480,7 @@ def split_plan(draw):
                                                                   HealthCheck.too_slow])
 @given(split_plan(), st.lists(st.integers(0, 255), min_size=B_CACHE * T_CACHE, max_size=B_CACHE * T_CACHE))
 def test_any_prefill_decode_split_equals_the_forward(cache_model, plan, flat_ids):
-    from v4jax.api import InputError
+    from v4jax.inputs import InputError
 
     m = cache_model
     c, P, first, steps = plan

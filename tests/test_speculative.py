@@ -8,12 +8,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_variables, small_config
 from scipy import stats as sps
 
 import v4jax
-from conftest import random_variables, small_config
-from v4jax.api import InputError
 from v4jax.inference import speculative
+from v4jax.inputs import InputError
 
 CFG = small_config(n_mtp_layers=1, max_seq_len=64)
 

@@ -6,9 +6,10 @@
 >>> model = v4jax.V4Model.init(v4jax.preset("tiny"))  # fresh weights
 """
 
-from v4jax.api import InputError, V4Model, check_token_ids, load_hf
+from v4jax.api import V4Model, load_hf
 from v4jax.config import ConfigError, V4Config, preset
 from v4jax.inference.prefix_cache import PrefixCache
+from v4jax.inputs import InputError, check_token_ids
 from v4jax.params import ParamCount, count_params
 
 __all__ = ["V4Model", "load_hf", "V4Config", "preset", "ConfigError", "InputError", "check_token_ids",

@@ -8,7 +8,6 @@ pytrees: ``Transformer(cfg).apply({"params": ..., "buffers": ...}, ids)``.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,55 +16,16 @@ import numpy as np
 
 from v4jax.attention.context import SeqContext
 from v4jax.config import V4Config
+from v4jax.inference.generate import generate
+from v4jax.inference.sampling import choose_next
+from v4jax.inputs import InputError, check_chunk_size, check_token_ids, prompt_lengths
+from v4jax.model.layout import layer_tree, stack_variables
 from v4jax.model.transformer import Transformer, init_cache
+from v4jax.parallel.mesh import make_mesh, under_mesh
+from v4jax.parallel.placement import cache_shardings, variables_shardings
+from v4jax.params import count_params
 from v4jax.runtime import Runtime, split_runtime_kwargs
-
-
-class InputError(ValueError):
-    """Bad model input (wrong rank, dtype, a token id outside the vocabulary, a sequence longer than
-    the model's ``max_seq_len`` or than the cache)."""
-
-
-def prompt_lengths(lengths, batch: int, width: int) -> np.ndarray:
-    """Per-row prompt lengths of right-padded prompts ``[batch, width]`` (default: all ``width``)
-    as int32, each in ``[1, width]``."""
-    out = np.full((batch,), width, np.int32) if lengths is None else np.asarray(lengths)
-    if (out.shape != (batch,) or not np.issubdtype(out.dtype, np.integer) or (out < 1).any()
-            or (out > width).any()):
-        raise InputError(f"lengths must be {batch} integers in [1, {width}], got {np.asarray(lengths).tolist()}")
-    return out.astype(np.int32)
-
-
-def check_chunk_size(chunk_size) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
-        raise InputError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
-
-
-def check_token_ids(ids: Any, vocab_size: int, max_len: int | None = None, rank: int = 2) -> jnp.ndarray:
-    """Validate integer token ids ``[B, T]`` (``rank=1``: ``[B]``, one per sequence) eagerly and
-    return them as int32: integer dtype, non-empty, every id in ``[0, vocab_size)``, and with
-    ``max_len`` at most that many tokens per sequence."""
-    shape_name = "[batch, seq]" if rank == 2 else "[batch]"
-    if isinstance(ids, (list, tuple)):
-        ids = np.asarray(ids)
-    if not hasattr(ids, "dtype") or not hasattr(ids, "shape"):
-        raise InputError(f"token ids must be an integer array {shape_name}, got {type(ids).__name__}")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise InputError(f"token ids must have an integer dtype, got {ids.dtype}")
-    if ids.ndim != rank:
-        raise InputError(f"token ids must have rank {rank} {shape_name}, got shape {tuple(ids.shape)}")
-    if min(ids.shape) < 1:
-        raise InputError(f"token ids must be non-empty, got shape {tuple(ids.shape)}")
-    if max_len is not None and rank == 2 and ids.shape[1] > max_len:
-        raise InputError(f"sequence length {ids.shape[1]} exceeds the model's max_seq_len {max_len}")
-    host = np.asarray(ids)
-    lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi >= vocab_size:
-        bad = lo if lo < 0 else hi
-        where = tuple(int(i) for i in np.argwhere(host == bad)[0])
-        raise InputError(f"token id {bad} at position {where} is outside the vocabulary [0, {vocab_size})")
-    return jnp.asarray(host, jnp.int32)
+from v4jax.weights import load_variables, save_official
 
 
 def _runtime(runtime: Runtime | None, options: dict) -> Runtime:
@@ -96,9 +56,6 @@ class V4Model:
     call then runs under it (tensor / expert parallel, the cache split over the batch)."""
 
     def __init__(self, cfg: V4Config, variables: dict, runtime: Runtime | None = None, mesh=None, **options):
-        from v4jax.model.layout import stack_variables
-        from v4jax.parallel.mesh import under_mesh
-
         self.cfg = cfg
         self.runtime = _runtime(runtime, options)
         self.module = Transformer(cfg, self.runtime)
@@ -117,8 +74,6 @@ class V4Model:
     def shard(self, mesh) -> "V4Model":
         """The same model with its variables placed on ``mesh`` (a ``jax.sharding.Mesh`` or a spec
         such as ``"tensor=2,expert=4"``) by the rules table; ``None``: back on one device."""
-        from v4jax.parallel.mesh import make_mesh, variables_shardings
-
         if mesh is None:
             return V4Model(self.cfg, jax.device_get(self.variables), self.runtime)
         if not isinstance(mesh, jax.sharding.Mesh):
@@ -170,8 +125,6 @@ class V4Model:
         return out["logits"], out["cache"]
 
     def _pure_decode(self, variables, tokens, cache, key, temperature: float, top_p: float):
-        from v4jax.inference.sampling import choose_next
-
         out = self.module.apply(variables, tokens, cache, method="decode")
         return choose_next(out["logits"], key, temperature, top_p), out["logits"], out["cache"]
 
@@ -205,7 +158,6 @@ class V4Model:
         cache = init_cache(self.cfg, int(batch), int(max_len), jnp.dtype(self.cfg.dtype), fmt)
         if self.mesh is None:
             return cache
-        from v4jax.parallel.mesh import cache_shardings
 
         return jax.device_put(cache, cache_shardings(self.mesh, cache))
 
@@ -283,69 +235,9 @@ class V4Model:
         ``prefix_cache`` (a ``v4jax.PrefixCache``): each prompt's longest stored block-aligned prefix
         is restored from disk instead of prefilled, and new aligned prefixes are stored after the
         prefill (``v4jax.inference.prefix_cache``); the output is the same as without it."""
-        from v4jax.inference.sampling import sample_next
-
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if temperature < 0 or not (0 < top_p <= 1):
-            raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        stop = (self.cfg.eos_token_id,) if stop_tokens is None else tuple(stop_tokens)
-        ids = self._ids(ids)
-        B, P = ids.shape
-        if P + max_new_tokens > self.cfg.max_seq_len:
-            raise InputError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {P + max_new_tokens} exceeds "
-                             f"the model's max_seq_len {self.cfg.max_seq_len}")
-        lengths = np.full((B,), P, np.int32) if lengths is None else np.asarray(lengths)
-        if speculative is not None and prefix_cache is not None:
-            raise InputError("speculative='mtp' and prefix_cache cannot be combined yet (the prefix cache holds the "
-                             "main model's cache, not the MTP block's); use one of them")
-        if speculative is not None:
-            from v4jax.inference.speculative import generate_speculative
-
-            if speculative != "mtp":
-                raise InputError(f"speculative must be None or 'mtp', got {speculative!r}")
-            if not self.cfg.n_mtp_layers:
-                raise InputError("speculative='mtp' needs a model with an MTP block; this config has n_mtp_layers = 0")
-            check_chunk_size(chunk_size)
-            if cache_format not in ("native", "fp8"):
-                raise InputError(f"cache format must be 'native' or 'fp8', got {cache_format!r}")
-            return generate_speculative(self, ids, prompt_lengths(lengths, B, P), int(max_new_tokens), float(temperature),
-                                        float(top_p), seed, stop, chunk_size, on_token, cache_format, stats)
-        if prefix_cache is not None:
-            from v4jax.inference.prefix_cache import prefill_with_cache
-
-            last, cache = prefill_with_cache(self, ids, lengths, P + max_new_tokens, cache_format, prefix_cache,
-                                             chunk_size)                           # checks lengths
-        else:
-            logits, cache = self.prefill(ids, P + max_new_tokens, chunk_size, cache_format, lengths)   # checks lengths
-            last = logits[jnp.arange(B), jnp.asarray(lengths, np.int32) - 1]
-            del logits
-        lengths = lengths.astype(np.int32)
-        key = jax.random.key(seed)
-        temperature, top_p = float(temperature), float(top_p)
-        tok = sample_next(last, jax.random.fold_in(key, 0), temperature, top_p)
-        del last
-        done = np.zeros(B, bool)
-        fill = np.zeros(B, np.int32)
-        out = []
-        for step in range(max_new_tokens):
-            # the next step is dispatched before this one's tokens reach the host, so the device
-            # never waits on the Python loop (a finished row's extra token is overwritten below)
-            nxt = None
-            if step < max_new_tokens - 1:
-                nxt, _, cache = self._decode(self.variables, tok, cache, jax.random.fold_in(key, step + 1),
-                                             temperature=temperature, top_p=top_p)
-            host = np.where(done, fill, np.asarray(tok)).astype(np.int32)
-            out.append(host)
-            if on_token is not None:
-                on_token(step, host)
-            hit = np.isin(host, stop) & ~done
-            fill = np.where(hit, host, fill)
-            done |= hit
-            if done.all() or nxt is None:
-                break
-            tok = nxt
-        return np.stack(out, axis=1)
+        return generate(self, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        stop_tokens=stop_tokens, chunk_size=chunk_size, on_token=on_token, lengths=lengths,
+                        cache_format=cache_format, speculative=speculative, stats=stats, prefix_cache=prefix_cache)
 
     # -- accessors and export -------------------------------------------------------------------
     @property
@@ -357,20 +249,14 @@ class V4Model:
         return self.variables.get("buffers", {})
 
     def param_count(self):
-        from v4jax.params import count_params
-
         return count_params(self.cfg)
 
     def layer_params(self, i: int) -> dict:
         """Layer ``i``'s parameters (sliced from its stack)."""
-        from v4jax.model.layout import layer_tree
-
         return layer_tree(self.cfg, self.params, i)
 
     def save(self, path: str | os.PathLike, dtype: str = "float32", shard_bytes: int | None = None) -> None:
         """Write an official-naming checkpoint directory (config.json + safetensors)."""
-        from v4jax.weights import save_official
-
         save_official(self.variables, self.cfg, path, dtype=dtype, shard_bytes=shard_bytes)
 
     def __repr__(self) -> str:
@@ -383,8 +269,6 @@ def load_hf(path: str | os.PathLike, **overrides) -> V4Model:
     dequantized on load, tensor by tensor. ``overrides`` are ``V4Config`` fields (e.g.
     ``dtype="bfloat16"``) or ``Runtime`` options (``attention="xla"|"reference"|"pallas"``,
     ``moe="auto"|"blocked"|"ragged"|"tokamax"|"dense"``, ``remat=...``; the old names ``attention_impl`` / ``moe_impl`` work)."""
-    from v4jax.weights import load_variables
-
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
@@ -393,3 +277,7 @@ def load_hf(path: str | os.PathLike, **overrides) -> V4Model:
     cfg = V4Config.from_json(cfg_path, **cfg_kw)
     variables, cfg = load_variables(path, cfg)
     return V4Model(cfg, variables, Runtime.from_dict(rt_kw))
+
+
+__all__ = ["V4Model", "load_hf", "init_variables", "InputError", "check_token_ids", "prompt_lengths",
+           "check_chunk_size"]

@@ -16,8 +16,11 @@ import warnings
 import jax
 import orbax.checkpoint as ocp
 
+from v4jax.api import V4Model
 from v4jax.config import V4Config
-
+from v4jax.model.layout import stack_variables, unstack_variables
+from v4jax.params import abstract_variables
+from v4jax.runtime import Runtime, split_runtime_kwargs
 
 CHECKSUMS = "v4jax_checksums.json"
 
@@ -108,9 +111,6 @@ def newest_good_step(workdir) -> int | None:
 def restore_variables(mngr: ocp.CheckpointManager, step: int, cfg: V4Config) -> dict:
     """The ``state`` item (``{"params", "buffers"}``) of ``step`` in the model's stacked layout;
     per-layer steps (older workdirs) are read in their layout and stacked."""
-    from v4jax.model.layout import stack_variables, unstack_variables
-    from v4jax.params import abstract_variables
-
     abstract = abstract_variables(cfg)
     legacy = step_layout(mngr, step) == "per_layer"
     target = unstack_variables(cfg, abstract) if legacy else abstract
@@ -149,8 +149,6 @@ def is_workdir(path) -> bool:
 
 def load_workdir(workdir, step: int | None = None, **overrides):
     """Restore ``step`` (default: the latest) of an orbax workdir as a ``V4Model``."""
-    from v4jax.api import V4Model
-
     if not os.path.isdir(os.fspath(workdir)):
         raise FileNotFoundError(f"no workdir {os.fspath(workdir)!r}")
     if step is None:
@@ -163,7 +161,6 @@ def load_workdir(workdir, step: int | None = None, **overrides):
             raise ValueError(f"checkpoint step {step} in {os.fspath(workdir)!r} is damaged: {why}")
     mngr = _manager(workdir)
     cfg_dict = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    from v4jax.runtime import Runtime, split_runtime_kwargs
 
     cfg_kw, rt_kw = split_runtime_kwargs(overrides)
     cfg = V4Config.from_dict(cfg_dict, **cfg_kw)

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.config import V4Config
+from v4jax.model.layout import unstack_layers
+from v4jax.model.transformer import Transformer
 
 
 def abstract_variables(cfg: V4Config, boxed: bool = False):
     """The model's variables as ``jax.ShapeDtypeStruct`` leaves (``LogicallyPartitioned`` boxes
     kept when ``boxed``)."""
-    from v4jax.model.transformer import Transformer
-
     ids = jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
     shapes = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), ids)
     return shapes if boxed else nn.meta.unbox(shapes)
@@ -42,8 +42,6 @@ class ParamCount:
 
 
 def count_params(cfg: V4Config) -> ParamCount:
-    from v4jax.model.layout import unstack_layers
-
     params = unstack_layers(cfg, abstract_variables(cfg)["params"])
     size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
     mtp = size({k: v for k, v in params.items() if k.startswith("mtp_")})

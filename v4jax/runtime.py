@@ -10,8 +10,11 @@ Two models with the same config and variables give the same logits (within fp32 
   ``"reference"``: the dense masked jnp oracle (``v4jax/attention/core.py``), O(T^2) memory.
   ``"pallas"``: ``kernels_pallas`` (TPU Mosaic / GPU Triton / CPU interpret) for whole sequences.
 * ``moe``: the dropless expert dispatch (``v4jax/moe/experts.py``), all with the selected experts'
-  FLOPs except ``"dense"``. ``"auto"`` (default): ``"blocked"`` on CPU, ``"tokamax"`` on GPU/TPU
-  when the optional tokamax package is installed, else ``"ragged"``. ``"blocked"``: sorted
+  FLOPs except ``"dense"``. ``"auto"`` (default): ``"grouped"`` on CPU, ``"tokamax"`` on GPU/TPU
+  when the optional tokamax package is installed, else ``"ragged"``. ``"grouped"``: tokens
+  gathered into ``[E, C, d]`` groups at a capacity level picked at run time from the largest
+  expert's load, matmuls against the expert weights as they are (w1|w3 fused), ``"blocked"`` when
+  no level fits or at decode; ``"blocked"``: sorted
   fixed-size row blocks, one batched matmul per projection (at decode reads only the selected
   experts' weights); ``"ragged"``: ``jax.lax.ragged_dot``; ``"tokamax"``: ``tokamax.ragged_dot``;
   ``"dense"``: every expert on every token (E/K x the FLOPs; the oracle).
@@ -33,7 +36,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ATTENTION_IMPLS = ("xla", "reference", "pallas")
-MOE_IMPLS = ("auto", "blocked", "ragged", "tokamax", "dense")
+MOE_IMPLS = ("auto", "grouped", "blocked", "ragged", "tokamax", "dense")
 REMAT_POLICIES = ("none", "full", "save_matmuls", "offload")
 
 # Old V4Config field names that are runtime options now (accepted by load_hf / V4Model.init).

@@ -5,19 +5,21 @@ Nothing is sharded unless a mesh is given: on one device every spec resolves to 
 Mesh axes (``MESH_AXES``): ``data`` (batch), ``fsdp`` (batch, and parameters / optimizer state
 sharded over ``embed``), ``expert`` (batch, and routed experts: expert parallel, see
 ``v4jax.moe.expert_parallel``), ``tensor`` (heads, MLP, vocabulary). ``v4jax.parallel.mesh`` builds
-meshes and shardings from this table; activations are constrained with the same names
-(``constrain``).
+meshes, ``v4jax.parallel.placement`` the shardings of parameters and states from this table;
+activations are constrained with the same names (``constrain``).
+
+A leaf of the import graph: the rules, the active mesh and the mesh-shape helpers, nothing of the
+model (so the model's layers can read the mesh without a cycle).
 """
 
 from __future__ import annotations
 
 import contextvars
+import math
 
 import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from v4jax.config import V4Config
 
 # Mesh axis names, outermost first (``tensor`` innermost: its collectives are the most frequent).
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -75,19 +77,17 @@ def to_mesh_spec(logical: tuple | PartitionSpec, mesh: Mesh, rules=RULES) -> Par
     return nn.logical_to_mesh_axes(tuple(logical), rules_for(mesh, rules))
 
 
-def logical_specs(cfg: V4Config):
-    """The logical ``PartitionSpec`` of every parameter (a pytree like ``params``)."""
-    from v4jax.params import abstract_variables
-
-    boxed = abstract_variables(cfg, boxed=True)
-    return nn.get_partition_spec(boxed)["params"]
+def axis_size(mesh: Mesh | None, name: str) -> int:
+    return 1 if mesh is None else int(mesh.shape.get(name, 1))
 
 
-def mesh_shardings(cfg: V4Config, mesh: Mesh, rules=RULES):
-    """``NamedSharding`` per parameter for ``mesh``; mesh axes absent from the mesh are dropped."""
-    specs = logical_specs(cfg)
-    to_mesh = lambda spec: NamedSharding(mesh, to_mesh_spec(spec, mesh, rules))
-    return jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (size > 1) a batch is split over."""
+    return tuple(a for a in BATCH_AXES if axis_size(mesh, a) > 1)
+
+
+def batch_shards(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else math.prod(axis_size(mesh, a) for a in batch_axes(mesh))
 
 
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("v4jax_mesh", default=None)

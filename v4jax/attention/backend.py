@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+import kernels_pallas as kp
 from v4jax.attention import xla
 from v4jax.attention.compressor import entry_segments, visible_entries
 from v4jax.attention.context import IndexerStats, SeqContext
 from v4jax.attention.core import attention_reference, topk_to_mask, window_mask
 from v4jax.attention.indexer import indexer_scores, select_topk
-from v4jax.attention.indexer_loss import attention_mass, indexer_kl as indexer_kl_reference
+from v4jax.attention.indexer_loss import attention_mass
+from v4jax.attention.indexer_loss import indexer_kl as indexer_kl_reference
 from v4jax.config import AttentionSpec
 from v4jax.sharding import active_mesh, to_mesh_spec
 
@@ -55,8 +57,6 @@ def select(impl: str, q, keys, weights, k: int, ratio: int, segment_ids=None):
     if impl == "reference":
         return select_topk(indexer_scores(q, keys, weights), _visible(T, n, ratio, segment_ids, B), k)
     if impl == "pallas":
-        import kernels_pallas as kp
-
         f = lambda q, keys, weights, seg, kseg: kp.indexer_topk(
             kp.indexer_scores(q, keys, weights, ratio=ratio, segment_ids=seg, key_segment_ids=kseg), k)
         return per_device(f, (q, keys, weights, segment_ids, kseg),
@@ -144,8 +144,6 @@ _ATTN_OUT = [("batch", "act_seq", "heads", None), ("batch", "act_seq", "heads")]
 
 
 def _pallas_attend(spec: AttentionSpec, q, kv, sink, comp, topk, seg, dense):
-    import kernels_pallas as kp
-
     if comp is None:
         f = lambda q, kv, sink, seg: kp.compressed_attention(q, kv, sink, None, ratio=1, window=spec.window,
                                                              segment_ids=seg, return_lse=True)

@@ -29,6 +29,8 @@ import numpy as np
 from v4jax.data.builder import default_data_dir, ensure_prepared, read_split
 from v4jax.data.corpus import SPLITS, corpus_sha256
 from v4jax.data.packing import pack_documents
+from v4jax.data.shards import UserData, prepare_user_data
+from v4jax.data.sources import FileSource
 from v4jax.data.tokenizer import get_tokenizer
 
 PACK_VERSION = 1                 # bump when pack_documents changes its output
@@ -245,9 +247,6 @@ def make_dataset(split: str = "train", seq_len: int = 256, batch_size: int = 8, 
 
 def prepare_source(source, tokenizer, seq_len: int, data_dir=None, progress: bool = False):
     """``shards.prepare_user_data`` for a ``UserData`` (or a path string) under ``data_dir``'s cache."""
-    from v4jax.data.shards import UserData, prepare_user_data
-    from v4jax.data.sources import FileSource
-
     if isinstance(source, (str, os.PathLike)):
         source = UserData(FileSource(str(source)))
     if not isinstance(source, UserData):

@@ -52,7 +52,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import v4jax
-
     from v4jax.checkpoint import is_workdir, load_workdir
 
     if not os.path.isdir(a.checkpoint):
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
         t = int(tokens[0])
         print(tok.decode([t]) if tok is not None else f" {t}", end="", flush=True)
 
-    from v4jax.api import InputError
+    from v4jax.inputs import InputError
 
     cache = None
     if a.prefix_cache is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from v4jax.config import V4Config
+from v4jax.config import V4Config, preset
 from v4jax.model.transformer import init_cache
 
 V32_MLA_BYTES_PER_LAYER = 656 + 132   # MLA latent + indexer key per token per layer (spec 3.8)
@@ -60,8 +60,6 @@ HEADER = ("| model | bytes/token | cache at 1M tokens (GiB) | V3.2 MLA (GiB) | r
 def main(argv=None):
     """``v4jax-cache-report [--context N] [--preset P ...] [--dtype bfloat16|float32]``."""
     import argparse
-
-    from v4jax.config import preset
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--context", type=int, default=2 ** 20)

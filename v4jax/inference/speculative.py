@@ -33,6 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from v4jax.inference.sampling import sample_next
+from v4jax.model.transformer import init_mtp_cache
+from v4jax.parallel.mesh import replicated, under_mesh
+
 
 def filtered_probs(logits: jnp.ndarray, temperature: float, top_p: float) -> jnp.ndarray:
     """The distribution ``choose_next`` samples from: ``softmax(logits / temperature)`` restricted to
@@ -132,8 +136,6 @@ def _jitted(model):
     """The jitted pieces, built once per model (``V4Model`` keeps them)."""
     fns = getattr(model, "_spec_fns", None)
     if fns is None:
-        from v4jax.parallel.mesh import under_mesh
-
         wrap = (lambda f: f) if model.mesh is None else (lambda f: under_mesh(f, model.mesh))
 
         def extend_h(variables, ids, cache, n_valid):
@@ -154,9 +156,6 @@ def generate_speculative(model, ids, lengths, max_new_tokens: int, temperature: 
     """``V4Model.generate(..., speculative="mtp")``: same arguments and return as ``generate``
     (inputs already checked there). ``stats`` (a dict, optional) receives ``steps``, ``drafted``,
     ``accepted`` and ``acceptance`` (accepted / drafted over the active rows)."""
-    from v4jax.model.transformer import init_mtp_cache
-    from v4jax.inference.sampling import sample_next
-
     if not model.cfg.n_mtp_layers:
         raise ValueError("speculative='mtp' needs a model with an MTP block (n_mtp_layers >= 1); this config has "
                          "n_mtp_layers = 0")
@@ -167,7 +166,6 @@ def generate_speculative(model, ids, lengths, max_new_tokens: int, temperature: 
     cache = model.new_cache(B, max_len, cache_format)
     mcache = init_mtp_cache(model.cfg, B, max_len, dt, cache_format)
     if model.mesh is not None:       # one small block: replicated
-        from v4jax.parallel.mesh import replicated
 
         mcache = jax.device_put(mcache, replicated(model.mesh))
     lengths = np.asarray(lengths, np.int32)

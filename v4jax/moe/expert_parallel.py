@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from v4jax.moe.experts import block_rows, experts_blocked, experts_dense, experts_ragged
+from v4jax.sharding import axis_size, batch_axes, batch_shards
 
 
 def expert_shards(mesh) -> int:
@@ -45,8 +46,6 @@ def experts_expert_parallel(x, idx, weights, w1, w2, w3, limit, dtype, impl: str
     (``E`` split over ``expert``, ``I`` over ``tensor``) -> (y ``[N, d]`` fp32, pairs placed: int32
     scalar, summed over the whole batch). ``impl``: the local dispatch ("blocked", "ragged",
     "tokamax", "dense"). ``capacity``: None (dropless) or the factor ``c`` above."""
-    from v4jax.parallel.mesh import axis_size, batch_axes, batch_shards
-
     S = expert_shards(mesh)
     N, K = idx.shape
     E = w1.shape[0]
@@ -69,7 +68,7 @@ def experts_expert_parallel(x, idx, weights, w1, w2, w3, limit, dtype, impl: str
         local = (idx // E_loc) == s
         lidx = jnp.where(local, idx - s * E_loc, E_loc)
         lw = jnp.where(local, wts, 0.0)
-        if impl == "blocked":
+        if impl in ("blocked", "grouped"):      # grouped has no partial ids: its fallback, blocked, runs here
             y, placed = experts_blocked(x, lidx, lw, w1, w2, w3, limit, dtype, block=b, capacity=cap,
                                         partial=True, count=True)
         elif impl == "dense":

@@ -13,7 +13,8 @@ import numpy as np
 from v4jax.config import MoESpec
 from v4jax.sharding import active_mesh
 from v4jax.layers.linear import Linear, default_init, param_with_axes
-from v4jax.moe.experts import experts_blocked, experts_dense, experts_ragged, resolve_impl, swiglu
+from v4jax.moe.experts import (experts_blocked, experts_dense, experts_grouped, experts_ragged, resolve_impl,
+                               swiglu)
 from v4jax.moe.expert_parallel import expert_shards, experts_expert_parallel
 from v4jax.moe.router import affinity, gate_weights, hash_route, sequence_balance_stats, topk_route
 
@@ -65,7 +66,7 @@ class SharedExpert(nn.Module):
 
 class Experts(nn.Module):
     """Stacked routed experts ``w1, w3 [E, d, I]``, ``w2 [E, I, d]``; each expert is its own matrix.
-    ``impl`` (``Runtime.moe``): "auto", "blocked", "ragged", "tokamax" or "dense" (``resolve_impl``).
+    ``impl`` (``Runtime.moe``): "auto", "grouped", "blocked", "ragged", "tokamax" or "dense" (``resolve_impl``).
     Under a mesh with an ``expert`` axis the experts run expert-parallel
     (``v4jax.moe.expert_parallel``; ``ep_capacity``: None = dropless).
 
@@ -95,6 +96,8 @@ class Experts(nn.Module):
                               w3.astype(self.dtype), s.swiglu_limit).astype(self.dtype)
         elif impl == "blocked":
             y = experts_blocked(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
+        elif impl == "grouped":
+            y = experts_grouped(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
         else:
             y = experts_ragged(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl)
         return y, all_pairs

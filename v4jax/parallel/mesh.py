@@ -1,4 +1,4 @@
-"""Device meshes from a text spec, and the shardings of everything a step touches.
+"""Device meshes from a text spec, the mesh context, and the batch's placement.
 
     mesh = make_mesh("data=2,fsdp=2,expert=2")        # product must equal jax.device_count()
     with mesh_context(mesh):                          # jax.set_mesh + v4jax.sharding.active_mesh
@@ -9,9 +9,9 @@ is built in that order whatever order the spec gives (``tensor`` innermost), wit
 ``jax.make_mesh`` (which orders devices for the physical topology) and Auto axes, so that XLA's
 sharding propagation (GSPMD) places everything the rules table leaves open.
 
-Parameters follow ``v4jax.sharding.RULES`` through their logical axis names; optimizer-state
-leaves that mirror a parameter (momenta, Adam moments) take its sharding; buffers (router biases,
-hash tables) and scalars are replicated; a batch ``[B, ...]`` is split over ``BATCH_AXES``.
+A batch ``[B, ...]`` is split over ``BATCH_AXES``. The shardings of parameters, train states and
+caches (which need the model's abstract variables) are in ``v4jax.parallel.placement``; this module
+knows nothing of the model.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import contextlib
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ConfigError
-from v4jax.sharding import BATCH_AXES, MESH_AXES, _ACTIVE, mesh_shardings, rules_for, to_mesh_spec
+from v4jax.sharding import _ACTIVE, MESH_AXES, axis_size, batch_axes, batch_shards, rules_for, to_mesh_spec
 
 
 def parse_mesh(spec) -> dict[str, int]:
@@ -108,19 +110,6 @@ def under_mesh(fn, mesh: Mesh | None):
     return run
 
 
-def axis_size(mesh: Mesh | None, name: str) -> int:
-    return 1 if mesh is None else int(mesh.shape.get(name, 1))
-
-
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The mesh axes (size > 1) a batch is split over."""
-    return tuple(a for a in BATCH_AXES if axis_size(mesh, a) > 1)
-
-
-def batch_shards(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else math.prod(axis_size(mesh, a) for a in batch_axes(mesh))
-
-
 def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
     """Rows ``[B, ...]`` split over the batch axes; ``batch_size`` is checked to divide evenly."""
     n = batch_shards(mesh)
@@ -133,66 +122,6 @@ def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def variables_shardings(cfg, mesh: Mesh, variables_like) -> dict:
-    """Shardings for ``{"params", "buffers"}``: parameters by the rules table, buffers replicated."""
-    out = {"params": mesh_shardings(cfg, mesh)}
-    if "buffers" in variables_like:
-        out["buffers"] = jax.tree.map(lambda _: replicated(mesh), variables_like["buffers"])
-    return out
-
-
-def _key_names(path) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def mirror_shardings(tree_like, params_like, param_shardings, mesh: Mesh):
-    """Shardings for a tree whose leaves may mirror parameters (optimizer state): a leaf whose
-    key path ends with a parameter's path and has its shape gets that parameter's sharding;
-    every other leaf (counters, empty states) is replicated."""
-    by_path = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params_like)[0]:
-        by_path[_key_names(path)] = (tuple(leaf.shape), None)
-    sh = {}
-    for path, s in jax.tree_util.tree_flatten_with_path(
-            param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]:
-        sh[_key_names(path)] = s
-    for k in by_path:
-        by_path[k] = (by_path[k][0], sh[k])
-    depth = max((len(k) for k in by_path), default=0)
-
-    def pick(path, leaf):
-        names = _key_names(path)
-        for n in range(min(depth, len(names)), 0, -1):
-            hit = by_path.get(names[-n:])
-            if hit is not None and hit[0] == tuple(np.shape(leaf)):
-                return hit[1]
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(pick, tree_like)
-
-
-def state_shardings(cfg, mesh: Mesh, state_like) -> dict:
-    """Shardings of a train state ``{"step", "params", "buffers", "opt_state", "rng"}``."""
-    v = variables_shardings(cfg, mesh, state_like)
-    return {"step": replicated(mesh), "params": v["params"],
-            "buffers": v.get("buffers", jax.tree.map(lambda _: replicated(mesh), state_like["buffers"])),
-            "opt_state": mirror_shardings(state_like["opt_state"], state_like["params"], v["params"], mesh),
-            "rng": replicated(mesh)}
-
-
-def cache_shardings(mesh: Mesh, cache: dict):
-    """Shardings of a decode cache (``v4jax.model.transformer.init_cache``): ``pos [B]`` and the
-    per-layer leaves ``[repeats, B, ...]`` split over the batch axes when B divides evenly,
-    everything else replicated."""
-    B = cache["pos"].shape[0]
-    axes = batch_axes(mesh) if B % batch_shards(mesh) == 0 else ()
-    spec = axes if axes else None
-    layers = jax.tree.map(lambda a: NamedSharding(mesh, P(None, spec) if a.ndim >= 2 else P()), cache["layers"])
-    out = {k: replicated(mesh) for k in cache}
-    out.update(pos=NamedSharding(mesh, P(spec)), layers=layers)
-    return out
 
 
 def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
@@ -213,8 +142,6 @@ def put_batch(batch: dict, mesh: Mesh | None, global_rows: int | None = None) ->
     """Host batch (numpy, this process's rows) -> device arrays split over the batch axes. One
     process: ``device_put``; several: each process passes its own rows
     (``jax.make_array_from_process_local_data``)."""
-    import jax.numpy as jnp
-
     if mesh is None:
         return {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
     sh = batch_sharding(mesh)
@@ -243,6 +170,6 @@ def describe(mesh: Mesh | None) -> str:
     return f"mesh {format_mesh(dict(mesh.shape))} over {mesh.size} {d.platform} devices ({jax.process_count()} process(es))"
 
 
-__all__ = ["parse_mesh", "format_mesh", "make_mesh", "mesh_context", "axis_size", "batch_axes", "batch_shards",
-           "batch_sharding", "replicated", "variables_shardings", "mirror_shardings", "state_shardings",
-           "put_batch", "describe", "rules_for", "to_mesh_spec"]
+__all__ = ["parse_mesh", "format_mesh", "make_mesh", "mesh_context", "under_mesh", "axis_size", "batch_axes",
+           "batch_shards", "batch_sharding", "replicated", "process_rows", "put_batch", "host_batch_size", "describe",
+           "rules_for", "to_mesh_spec"]

@@ -78,7 +78,19 @@ import math
 import os
 import sys
 import time
-from typing import Any
+
+import v4jax.params as vp
+from v4jax.config import ConfigError
+from v4jax.model.transformer import init_cache
+from v4jax.moe.experts import MIN_GROUP_LOAD, block_rows, group_capacities, tokamax_available
+from v4jax.parallel.mesh import batch_sharding, make_mesh, mesh_context, parse_mesh, replicated
+from v4jax.parallel.placement import cache_shardings, logical_specs, state_shardings
+from v4jax.params import abstract_variables, count_params
+from v4jax.sharding import MESH_AXES, batch_axes, batch_shards, to_mesh_spec
+from v4jax.train.config import train_preset
+from v4jax.train.optimizer import MUON, make_optimizer, matrix_views, param_labels
+from v4jax.train.step import abstract_state, make_train_step
+from v4jax.train.step import state_shardings as train_state_shardings
 
 GIB = 2 ** 30
 
@@ -92,8 +104,6 @@ def abstract_mesh(axes: dict[str, int]):
     """A device-free ``AbstractMesh`` with ``axes`` in ``MESH_AXES`` order (what ``make_mesh``
     builds): ``to_mesh_spec`` / ``rules_for`` only read ``mesh.shape``."""
     import jax
-
-    from v4jax.sharding import MESH_AXES
 
     names = tuple(a for a in MESH_AXES if a in axes)
     return jax.sharding.AbstractMesh(tuple(int(axes[a]) for a in names), names,
@@ -179,9 +189,6 @@ def muon_gather(params, logical, mesh, ns_steps: int) -> dict:
     largest single leaf's whole-matrix bytes, and the Newton-Schulz TFLOP (see module docstring)."""
     import jax
 
-    from v4jax.sharding import to_mesh_spec
-    from v4jax.train.optimizer import MUON, matrix_views, param_labels
-
     labels = dict(_leaves(param_labels(params)))
     views = matrix_views(params)
     specs = dict(_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
@@ -223,8 +230,6 @@ def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool 
     part a ``save_matmuls`` policy keeps (outputs of non-batched projections). ``ts``: ``tensor``
     shards, which split the head, output-group and MLP widths (rules table: heads, o_groups,
     index_heads, mlp -> tensor)."""
-    from v4jax.moe.experts import block_rows
-
     f = 4
     n, d = cfg.hc_mult, cfg.dim
     sp = cfg.attention(lt)
@@ -254,9 +259,12 @@ def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool 
     mm += 2 * N * Is * f + N * d * a
     G = N * S                                   # tokens of the expert group a device sees
     E_loc = E // max(S, 1)
-    if moe_impl == "blocked":
+    if moe_impl in ("blocked", "grouped"):
         b = block_rows(max(1, G * K // S), E_loc)
         R = max(1, (G * K + E_loc * (b - 1)) // b) * b
+        if moe_impl == "grouped" and S == 1 and G * K >= MIN_GROUP_LOAD * E_loc:
+            # lax.switch keeps the residuals of every branch: each capacity level plus blocked
+            R += E_loc * sum(group_capacities(G * K, E_loc))
     elif moe_impl == "dense":
         R = E_loc * G
     else:                                        # ragged / tokamax: every pair sorted
@@ -274,8 +282,6 @@ def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool 
 def _fsdp_gather(params, logical, mesh, a: int) -> float:
     """The largest layer's weights (compute dtype) with ``fsdp`` gathered, per device."""
     import jax
-
-    from v4jax.sharding import to_mesh_spec
 
     specs = dict(_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
     per_layer: dict[str, float] = {}
@@ -346,8 +352,6 @@ def _one_model_trace():
     that is ~9 s a trace, mostly building the hash-routing tables). Same results, one trace."""
     import flax.linen as nn
 
-    import v4jax.params as vp
-
     orig = vp.abstract_variables
     memo: dict = {}
 
@@ -369,8 +373,7 @@ def resolve_moe(runtime, platform: str = "tpu") -> str:
     if runtime.moe != "auto":
         return runtime.moe
     if platform == "cpu":
-        return "blocked"
-    from v4jax.moe.experts import tokamax_available
+        return "grouped"
 
     return "tokamax" if tokamax_available() else "ragged"
 
@@ -388,13 +391,6 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
     import jax
     import jax.numpy as jnp
 
-    from v4jax.model.transformer import init_cache
-    from v4jax.parallel.mesh import batch_axes, batch_shards, cache_shardings, state_shardings
-    from v4jax.params import count_params
-    from v4jax.sharding import logical_specs
-    from v4jax.train.optimizer import make_optimizer
-    from v4jax.train.step import abstract_state
-
     t0 = time.time()
     mesh = abstract_mesh(mesh_axes)
     shape = dict(mesh.shape)
@@ -402,7 +398,6 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
     logical = logical_specs(cfg)
     problems: list[dict] = []
     # the optimizer exactly as v4jax.train.loop builds it (axes: Muon keeps experts on their devices)
-    from v4jax.params import abstract_variables
 
     tx = make_optimizer(tc.optim, abstract_variables(cfg)["params"], logical)
     state = abstract_state(tc, tx)
@@ -484,16 +479,10 @@ def compile_memory(tc, mesh, tx=None, compiler_options: dict | None = None) -> d
     import jax
     import jax.numpy as jnp
 
-    from v4jax.parallel.mesh import batch_sharding, mesh_context, replicated
-    from v4jax.params import abstract_variables
-    from v4jax.sharding import logical_specs
-    from v4jax.train.optimizer import make_optimizer
-    from v4jax.train.step import abstract_state, make_train_step, state_shardings
-
     t0 = time.time()
     if tx is None:
         tx = make_optimizer(tc.optim, abstract_variables(tc.model)["params"], logical_specs(tc.model))
-    sh = state_shardings(tc, tx, mesh)
+    sh = train_state_shardings(tc, tx, mesh)
     st = abstract_state(tc, tx)
     bsh = batch_sharding(mesh, tc.batch_size)
     args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), st, sh)
@@ -562,8 +551,6 @@ def topology_mesh(mesh_axes: dict[str, int], libtpu: str, topology: str):
     from jax.experimental import mesh_utils, topologies
     from jax.sharding import Mesh
 
-    from v4jax.sharding import MESH_AXES
-
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     names = tuple(a for a in MESH_AXES if a in mesh_axes)
     shape = tuple(mesh_axes[a] for a in names)
@@ -580,8 +567,6 @@ def topology_mesh(mesh_axes: dict[str, int], libtpu: str, topology: str):
 
 
 def local_mesh(mesh_axes: dict[str, int]):
-    from v4jax.parallel.mesh import make_mesh
-
     return make_mesh(mesh_axes)
 
 
@@ -707,8 +692,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    from v4jax.config import ConfigError
-    from v4jax.parallel.mesh import parse_mesh
 
     try:
         axes = parse_mesh(args.mesh)
@@ -732,7 +715,6 @@ def main(argv=None) -> int:
         except Exception:  # noqa: BLE001 - backend already started
             pass
         aot_mesh = aot_err = None
-    from v4jax.train.config import train_preset
 
     sets = list(args.set)
     if args.seq_len is not None:

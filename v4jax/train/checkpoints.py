@@ -31,10 +31,11 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from v4jax.checkpoint import CHECKSUMS, verify_step, write_checksums  # noqa: F401
+from v4jax.checkpoint import CHECKSUMS, CheckpointLayoutError, step_layout, verify_step, write_checksums  # noqa: F401
 from v4jax.config import ConfigError
+from v4jax.params import abstract_variables
 from v4jax.train.config import TrainConfig
-from v4jax.train.step import all_finite
+from v4jax.train.step import all_finite, state_shardings
 
 CORRUPT_DIR = "corrupt"
 # version of what a training checkpoint holds (items, their trees, the meta keys); a reader
@@ -177,8 +178,6 @@ def check_compatible(workdir: str, step: int, cfg: TrainConfig, abstract: dict) 
 
 
 def _per_layer_error(where: str):
-    from v4jax.checkpoint import CheckpointLayoutError
-
     return CheckpointLayoutError(
         f"{where} was written before the scanned layer stack (per-layer parameters) and its optimizer "
         f"state cannot be resumed by this version. Its weights still load: "
@@ -195,8 +194,6 @@ def _placed(abstract, shardings):
 def abstract_items(cfg: TrainConfig, tx, mesh=None) -> dict:
     """The ``state`` and ``train_state`` trees of a checkpoint of ``cfg``, with the shardings to
     restore onto (``mesh``'s, else the default device)."""
-    from v4jax.params import abstract_variables
-
     abstract_vars = abstract_variables(cfg.model)
     abstract_opt = jax.eval_shape(tx.init, abstract_vars["params"])
     abstract_train = {"opt_state": abstract_opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
@@ -206,8 +203,6 @@ def abstract_items(cfg: TrainConfig, tx, mesh=None) -> dict:
         abstract_vars = _placed(abstract_vars, jax.tree.map(lambda _: one, abstract_vars))
         abstract_train = _placed(abstract_train, jax.tree.map(lambda _: one, abstract_train))
     else:
-        from v4jax.train.step import state_shardings
-
         sh = state_shardings(cfg, tx, mesh)
         abstract_vars = _placed(abstract_vars, {k: sh[k] for k in abstract_vars})
         abstract_train = _placed(abstract_train, {k: sh[k] for k in abstract_train})
@@ -219,8 +214,6 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, cfg: TrainConfig,
     """-> (state, data-iterator state[, meta]) of checkpoint ``step``, restored straight onto
     ``mesh``'s shardings (any mesh: orbax reshards on read) or onto the default device. Checks
     compatibility first (``CheckpointMismatchError``); integrity is ``resume``'s job."""
-    from v4jax.checkpoint import step_layout
-
     if step_layout(mngr, step) == "per_layer":
         raise _per_layer_error(f"checkpoint step {step} in {os.fspath(mngr.directory)}")
     abstract = abstract_items(cfg, tx, mesh)
@@ -244,8 +237,6 @@ def resume(workdir: str, cfg: TrainConfig, tx, mesh=None, log=print, primary: bo
     docstring) with a warning naming the step; a step of another config or layout raises
     ``CheckpointMismatchError`` before anything moves. Every process calls this (the restore is
     collective); process 0 alone moves directories."""
-    from v4jax.checkpoint import CheckpointLayoutError
-
     workdir = os.path.abspath(workdir)
     abstract = abstract_items(cfg, tx, mesh)
     steps = committed_steps(workdir)

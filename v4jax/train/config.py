@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from v4jax.config import ConfigError, V4Config, preset
+from v4jax.data.shards import UserData
+from v4jax.data.sources import FileSource, TfdsSource
+from v4jax.parallel.mesh import parse_mesh
 from v4jax.runtime import Runtime
 from v4jax.train.optimizer import OptimizerConfig
 
@@ -128,8 +131,6 @@ class TrainConfig:
         need(self.model.dtype in ("float32", "bfloat16"), "model", "dtype must be float32 or bfloat16")
         need(self.mesh is None or is_str(self.mesh), "mesh", "must be None or a mesh spec such as 'data=2,fsdp=4'")
         if self.mesh is not None:
-            from v4jax.parallel.mesh import parse_mesh
-
             try:
                 parse_mesh(self.mesh)
             except ConfigError as e:
@@ -141,9 +142,6 @@ class TrainConfig:
     def user_data(self):
         """``shards.UserData`` for ``data`` / ``tfds`` (None: the shipped corpus). A TFDS dataset's own
         ``validation`` (else ``test``) split is held out when there is no ``eval_data``."""
-        from v4jax.data.shards import UserData
-        from v4jax.data.sources import FileSource, TfdsSource
-
         if self.data is None and self.tfds is None:
             return None
         if self.data is not None:

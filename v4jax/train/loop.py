@@ -27,10 +27,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from v4jax.sharding import logical_specs
-from v4jax.train.checkpoints import (CheckpointMismatchError, NonFiniteError, checkpoint_manager,  # noqa: F401
-                                     latest_step, restore_checkpoint, resume, save_checkpoint, write_checksums)
-from v4jax.train.config import TrainConfig
+from v4jax.config import ConfigError
+from v4jax.data.pipeline import make_dataset, make_eval_dataset
+from v4jax.data.tokenizer import get_tokenizer
+from v4jax.parallel.mesh import batch_sharding, describe, make_mesh, process_rows, put_batch
+from v4jax.parallel.placement import logical_specs
+from v4jax.params import abstract_variables
+from v4jax.train.checkpoints import (  # noqa: F401
+    CheckpointMismatchError,
+    NonFiniteError,
+    checkpoint_manager,
+    latest_step,
+    restore_checkpoint,
+    resume,
+    save_checkpoint,
+    write_checksums,
+)
+from v4jax.train.config import STAGES, TrainConfig
 from v4jax.train.metrics import MetricsWriter
 from v4jax.train.optimizer import lr_schedule, make_optimizer
 from v4jax.train.preemption import StopSignals
@@ -58,8 +71,6 @@ def _save_tokenizer(cfg: TrainConfig, workdir: str) -> None:
 
 
 def abstract_params(cfg: TrainConfig):
-    from v4jax.params import abstract_variables
-
     return abstract_variables(cfg.model)["params"]
 
 
@@ -68,13 +79,9 @@ def make_data(cfg: TrainConfig, split: str, mesh=None, progress: bool = False):
     corpus or the run's own data (``cfg.data`` / ``cfg.tfds``, prepared once into shards). With several
     processes each reads only the rows of the global batch its devices hold (the global batches,
     and so the losses, are the same for any number of processes)."""
-    from v4jax.data.pipeline import make_dataset, make_eval_dataset
-
     tok = run_tokenizer(cfg)
     rows = None
     if mesh is not None and jax.process_count() > 1:
-        from v4jax.parallel.mesh import process_rows
-
         rows = process_rows(mesh, cfg.batch_size)
     kw = dict(data_dir=cfg.data_dir, tokenizer=tok, rows=rows, source=cfg.user_data(), progress=progress)
     if split == "train":
@@ -84,9 +91,6 @@ def make_data(cfg: TrainConfig, split: str, mesh=None, progress: bool = False):
 
 def run_tokenizer(cfg: TrainConfig):
     """The run's tokenizer, its vocabulary checked against the model's."""
-    from v4jax.config import ConfigError
-    from v4jax.data.tokenizer import get_tokenizer
-
     try:
         tok = get_tokenizer(cfg.tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -102,9 +106,6 @@ def evaluate(cfg: TrainConfig, params, buffers, stage: str, eval_fn=None, split:
              max_batches: int | None = None, mesh=None) -> dict:
     """Mean next-token loss (and perplexity; MTP loss too) over ``split``, with the attention of
     ``stage`` (dense CSA before the sparse stage); on ``mesh`` when given."""
-    from v4jax.parallel.mesh import put_batch
-    from v4jax.train.config import STAGES
-
     eval_fn = eval_fn or make_eval_step(cfg, mesh=mesh)
     sid = jnp.int32(STAGES.index(stage))
     tot = {}
@@ -218,8 +219,6 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
     ``cfg.max_consecutive_skips``) of them in a row raise ``NonFiniteError`` without checkpointing
     the steps since the last good checkpoint. Bad settings raise ``ConfigError`` before anything is
     written. ``on_log(row)``: called with every metrics row (train and eval) as it is written."""
-    from v4jax.parallel.mesh import batch_sharding, describe, make_mesh, put_batch
-
     mesh = make_mesh(cfg.mesh) if cfg.mesh else None
     if mesh is not None:
         batch_sharding(mesh, cfg.batch_size)          # batch_size must split evenly: fail before any work
@@ -229,8 +228,6 @@ def train(cfg: TrainConfig, workdir: str, stop_step: int | None = None, progress
     workdir = os.path.abspath(workdir)
     stop = cfg.total_steps if stop_step is None else stop_step
     if not isinstance(stop, int) or stop < 0:
-        from v4jax.config import ConfigError
-
         raise ConfigError(f"stop_step must be an integer >= 0, got {stop!r}")
     max_consecutive = cfg.max_consecutive_skips if max_consecutive_skips is None else max_consecutive_skips
     tx = make_optimizer(cfg.optim, abstract_params(cfg), logical_specs(cfg.model))

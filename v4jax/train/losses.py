@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from v4jax.model.layout import is_stacked, stack_layers, unstack_layers
+
 
 def target_masks(segment_ids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """``segment_ids [B, T+1]`` -> (next-token mask ``[B, T]``, MTP mask ``[B, T]``; the MTP mask's
@@ -52,8 +54,6 @@ def updated_router_biases(buffers: dict, moe_stats: list[dict], mtp_stats: dict 
     ``b_e <- b_e + speed * sign(mean(load) - load_e)`` for every learned-routing layer, with the
     loads of the whole batch. Returns new buffers (hash tables untouched). ``buffers`` in the
     model's stacked layout need ``cfg`` (``V4Config``) to find each layer."""
-    from v4jax.model.layout import is_stacked, stack_layers, unstack_layers
-
     if is_stacked(buffers):
         if cfg is None:
             raise ValueError("updated_router_biases: stacked buffers need cfg to locate each layer")

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 
 from v4jax.config import ConfigError
+from v4jax.sharding import active_mesh, constrain, to_mesh_spec
 
 MUON, ADAMW = "muon", "adamw"
 
@@ -173,8 +174,6 @@ def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: f
     and bucketed as on one device (every device then runs their NS: the gather's price besides the
     bytes, which ``v4jax.parallel.plan`` reports).
     """
-    from v4jax.sharding import active_mesh, constrain, to_mesh_spec
-
     def update_fn(updates, state, params=None):
         del params
         flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
@@ -410,7 +409,7 @@ def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 def make_optimizer(cfg: OptimizerConfig, params, axes=None) -> optax.GradientTransformation:
     """The V4 optimizer for ``params`` (the ``"params"`` collection; arrays or ``ShapeDtypeStruct``s,
     used for the labels and the logical-matrix views only). Raises for a parameter path with no rule.
-    ``axes``: the parameters' logical axis names (``v4jax.sharding.logical_specs``), which Muon
+    ``axes``: the parameters' logical axis names (``v4jax.parallel.placement.logical_specs``), which Muon
     uses under a mesh to keep expert matrices on their devices."""
     param_labels(params)  # fail now, not inside jit, on an unknown parameter
     if axes is not None:

@@ -19,11 +19,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from v4jax.api import init_variables
 from v4jax.attention.context import SeqContext
 from v4jax.model.transformer import Transformer
+from v4jax.parallel.mesh import batch_sharding, mesh_context, replicated, under_mesh
+from v4jax.parallel.placement import state_shardings as _shardings
+from v4jax.params import abstract_variables
 from v4jax.train.config import STAGES, TrainConfig
-from v4jax.train.losses import (balance_loss, indexer_loss, masked_cross_entropy, target_masks,
-                                updated_router_biases)
+from v4jax.train.losses import balance_loss, indexer_loss, masked_cross_entropy, target_masks, updated_router_biases
 
 State = dict[str, Any]
 
@@ -73,8 +76,6 @@ def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, variables: di
     """Fresh state: model variables (``V4Model.init`` with ``cfg.seed``) and optimizer state.
     With ``mesh`` every leaf is created directly with its sharding (``state_shardings``): no
     device ever holds a full copy of a sharded parameter; the values equal the one-device ones."""
-    from v4jax.api import init_variables
-
     if mesh is None:
         if variables is None:
             variables = init_variables(cfg.model, cfg.seed, cfg.runtime)
@@ -96,8 +97,6 @@ def init_state(cfg: TrainConfig, tx: optax.GradientTransformation, variables: di
 
 def abstract_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> State:
     """The train state's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves; nothing allocated)."""
-    from v4jax.params import abstract_variables
-
     v = abstract_variables(cfg.model)
     return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": v["params"], "buffers": v.get("buffers", {}),
             "opt_state": jax.eval_shape(tx.init, v["params"]),
@@ -106,8 +105,6 @@ def abstract_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> State:
 
 def state_shardings(cfg: TrainConfig, tx: optax.GradientTransformation, mesh) -> State:
     """``NamedSharding`` of every train-state leaf on ``mesh`` (``v4jax.parallel.mesh``)."""
-    from v4jax.parallel.mesh import state_shardings as _shardings
-
     return _shardings(cfg.model, mesh, abstract_state(cfg, tx))
 
 
@@ -208,13 +205,10 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation, stage: s
 
     if not jit:
         return train_step
-    from v4jax.parallel.mesh import mesh_context
 
     if mesh is None:
         jitted = jax.jit(train_step, donate_argnums=(0,))
     else:
-        from v4jax.parallel.mesh import batch_sharding, replicated
-
         sh = state_shardings(cfg, tx, mesh)
         bsh = batch_sharding(mesh, cfg.batch_size)
         jitted = jax.jit(train_step, donate_argnums=(0,),
@@ -267,7 +261,6 @@ def make_eval_step(cfg: TrainConfig, jit: bool = True, mesh=None):
 
     if not jit:
         return eval_step
-    from v4jax.parallel.mesh import under_mesh
 
     return jax.jit(eval_step) if mesh is None else under_mesh(jax.jit(eval_step), mesh)
 

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import V4Config
-from v4jax.model.layout import stack_variables
+from v4jax.model.layout import stack_variables, unstack_variables
+from v4jax.params import abstract_variables
 from v4jax.weights import naming, quant
 from v4jax.weights.safetensors_io import SafetensorsFile, TensorInfo
 
@@ -72,9 +73,6 @@ def load_variables(path, cfg: V4Config | None = None, dtype=None, *, require_mtp
 
 @functools.lru_cache(maxsize=8)
 def _expected_tree(cfg: V4Config) -> tuple:
-    from v4jax.model.layout import unstack_variables
-    from v4jax.params import abstract_variables
-
     return tuple(tu.flatten_dict(unstack_variables(cfg, abstract_variables(cfg)), sep="/").items())
 
 

@@ -1,0 +1,1 @@
+"""The subcommands of ``experiments/benchmarks.py``, one module each (common: paths, JSON, tables, plots)."""
