@@ -13,7 +13,13 @@ from v4jax.attention.compressor import entry_segments, visible_entries
 from v4jax.attention.core import attention_reference, topk_to_mask, window_mask
 from v4jax.attention.indexer import indexer_scores, select_topk
 from v4jax.attention.indexer_loss import attention_mass, indexer_kl
-from v4jax.attention.xla import attention_cached_xla, attention_xla, indexer_kl_xla, indexer_topk_xla
+from v4jax.attention.xla import (
+    attention_cached_xla,
+    attention_xla,
+    indexer_kl_xla,
+    indexer_topk_xla,
+    select_positions,
+)
 
 H, C_DIM = 3, 16          # query heads, head dim
 NI, CI = 4, 8             # indexer heads, indexer head dim
@@ -215,20 +221,55 @@ def test_attention_cached_matches_oracle(csa, rng):
     assert np.all(np.asarray(o_x[1, 2]) == 0)
 
 
+def _ascending(idx):
+    """A top-k list as its set: entries ascending, the -1 holes last."""
+    big = np.iinfo(np.int32).max
+    s = np.sort(np.where(np.asarray(idx) < 0, big, np.asarray(idx)), -1)
+    return np.where(s == big, -1, s)
+
+
 @pytest.mark.parametrize("T,chunk,ratio,k,block,segmented", [
     (37, 8, 4, 4, 4, False), (37, 8, 4, 16, 3, False), (64, 16, 4, 5, 3, True), (64, 16, 8, 3, 8, True)])
 def test_indexer_topk_matches_oracle(T, chunk, ratio, k, block, segmented, rng):
+    """Both selections: ``top_k`` (running lax.top_k, best first, exactly the oracle's list) and
+    ``threshold`` (bisection + compaction: the oracle's set, ascending, holes last), with ties
+    (a query whose head weights are all zero scores every entry 0: the lowest entries win)."""
     B = 2
     N = T // ratio
     seg = _segments(B, T) if segmented else None
     iq, ik, iw = _r(rng, (B, T, NI, CI)), _r(rng, (B, N, CI)), _r(rng, (B, T, NI))
+    iw = iw.at[0, T - 1].set(0.0)
     _, vis = _masks(B, T, 1, N, ratio, seg)
-    ref, got = _jit(lambda a, b, c: (
+    ref, got_k, got_t = _jit(lambda a, b, c: (
         select_topk(indexer_scores(a, b, c), vis, k),
-        indexer_topk_xla(a, b, c, k, ratio=ratio, segment_ids=seg, q_chunk=chunk, key_block=block)))(iq, ik, iw)
-    assert got.dtype == jnp.int32 and got.shape == ref.shape == (B, T, min(k, N))
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+        indexer_topk_xla(a, b, c, k, ratio=ratio, segment_ids=seg, q_chunk=chunk, key_block=block, select="top_k"),
+        indexer_topk_xla(a, b, c, k, ratio=ratio, segment_ids=seg, q_chunk=chunk, key_block=block,
+                         select="threshold")))(iq, ik, iw)
+    for got in (got_k, got_t):
+        assert got.dtype == jnp.int32 and got.shape == ref.shape == (B, T, min(k, N))
+    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(got_t), _ascending(ref))
     assert (np.asarray(ref) == -1).any()
+
+
+def test_select_positions_against_numpy(rng):
+    """Threshold-and-compact top-k on rows with ties, -inf (invisible), -0.0 / +0.0, +-large values
+    and rows with fewer than k visible entries, against a numpy stable sort."""
+    n, k = 50, 7
+    x = rng.standard_normal((12, n)).astype(np.float32)
+    x[0] = 0.0                                          # all tied
+    x[1, ::2] = -np.inf                                 # half invisible
+    x[2, 3:] = -np.inf                                  # 3 visible < k
+    x[3] = np.round(x[3])                               # many ties at several values
+    x[4, :10] = -0.0
+    x[5] *= 1e30
+    x[6] = -np.inf                                      # nothing visible
+    got = np.asarray(jax.jit(lambda s: select_positions(s, k))(jnp.asarray(x)))
+    for r in range(len(x)):
+        order = np.argsort(-x[r], kind="stable")[:k]    # best first, ties to the lower position
+        want = np.sort(order[x[r][order] > -np.inf])
+        want = np.concatenate([want, np.full(k - len(want), n)])
+        np.testing.assert_array_equal(got[r], want, err_msg=f"row {r}")
 
 
 @pytest.mark.parametrize("T,chunk,ratio,segmented,block", [(37, 8, 4, False, 4), (64, 16, 4, True, 5)])

@@ -464,8 +464,47 @@ def _index_scores(q, keys, w):
     return jnp.einsum("bchn,bch->bcn", jax.nn.relu(s), w)
 
 
+def _order_key(x):
+    """fp32 -> uint32 with the same order (-0 = +0, as a float compare; +-inf in place)."""
+    b = lax.bitcast_convert_type(jnp.where(x == 0, jnp.zeros_like(x), x), jnp.int32)
+    b = jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
+    return lax.bitcast_convert_type(b ^ jnp.int32(-(2 ** 31)), jnp.uint32)
+
+
+def select_positions(scores, k: int):
+    """Threshold-and-compact top-k: ``scores [..., n]`` fp32 (``-inf`` = not visible) ->
+    ``[..., k]`` int32 positions of the k largest visible scores in ascending position order
+    (ties at the k-th value go to the lower positions, as ``lax.top_k``), then ``n`` for
+    empty slots (fewer than k visible; ``take_along_axis`` clamps them, callers mask them).
+
+    The k-th largest value is found exactly by bisection on the 32 bits of an order-preserving
+    integer key (32 passes of compare-and-count over the row, no sort), the selected positions
+    are compacted with a running count and a binary search per output slot. On XLA:CPU this does
+    O(32 n) vector work per row where ``lax.top_k`` sorts. (``lax.approx_max_k`` is exact top-k
+    off TPU, so it does not help here.)"""
+    n = scores.shape[-1]
+    u = _order_key(scores)
+    vis = scores > -jnp.inf
+
+    def bisect(i, t):
+        cand = t | (jnp.uint32(1) << (jnp.uint32(31) - i.astype(jnp.uint32)))
+        count = jnp.sum((u >= cand[..., None]).astype(jnp.int32), axis=-1)
+        return jnp.where(count >= k, cand, t)
+
+    t = lax.fori_loop(0, 32, bisect, jnp.zeros(scores.shape[:-1], jnp.uint32))[..., None]
+    above = (u > t) & vis
+    tied = (u == t) & vis
+    need = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+    take = above | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= need))
+    count = jnp.cumsum(take, axis=-1, dtype=jnp.int32)
+    slots = jnp.arange(1, k + 1, dtype=jnp.int32)
+    find = jax.vmap(lambda c: jnp.searchsorted(c, slots, side="left", method="scan_unrolled"))
+    pos = find(count.reshape(-1, n)).reshape(scores.shape[:-1] + (k,))
+    return jnp.where(slots <= count[..., -1:], pos, n).astype(jnp.int32)
+
+
 def indexer_topk_xla(q, keys, weights, k: int, *, ratio: int, segment_ids=None, key_segment_ids=None,
-                     q_chunk: int | None = None, key_block: int | None = None):
+                     q_chunk: int | None = None, key_block: int | None = None, select: str = "top_k"):
     """Lightning-indexer selection (spec 3.4 steps 5-6), chunked over queries and key blocks.
 
     q ``[B, T, n_I, c_I]``, keys ``[B, N, c_I]``, weights ``[B, T, n_I]`` (already scaled) ->
@@ -475,6 +514,9 @@ def indexer_topk_xla(q, keys, weights, k: int, *, ratio: int, segment_ids=None, 
     that are not visible. Equals ``select_topk(indexer_scores(q, keys, weights), visible, k)``.
     A running top-k per query is merged with each key block's scores (``lax.top_k`` over
     [running | block]), so the ``[T, N]`` score matrix never exists. No gradient.
+    ``select="threshold"`` merges with ``select_positions`` instead (bisection + compaction, no
+    sort): the same set, in ascending entry order with the -1 holes last. Not yet the default: its
+    speed against ``lax.top_k`` on the 16K / 32K forward is unmeasured (issue #23).
     """
     B, T, nI, cI = q.shape
     N = keys.shape[1]
@@ -516,8 +558,14 @@ def indexer_topk_xla(q, keys, weights, k: int, *, ratio: int, segment_ids=None, 
                 sc = jnp.where(vis, _index_scores(qc, kb, wc), -jnp.inf)
                 cv = jnp.concatenate([vals, sc], axis=-1)
                 ci = jnp.concatenate([idx, jnp.broadcast_to(ent.astype(jnp.int32), sc.shape)], axis=-1)
-                v, pos = lax.top_k(cv, K)
-                return v, jnp.take_along_axis(ci, pos, axis=-1)
+                if select == "top_k":
+                    v, pos = lax.top_k(cv, K)
+                    return v, jnp.take_along_axis(ci, pos, axis=-1)
+                pos = select_positions(cv, K)
+                got = pos < cv.shape[-1]
+                pos = jnp.minimum(pos, cv.shape[-1] - 1)
+                v = jnp.where(got, jnp.take_along_axis(cv, pos, axis=-1), -jnp.inf)
+                return v, jnp.where(got, jnp.take_along_axis(ci, pos, axis=-1), -1)
 
             def block(carry, xs):   # blocks no query of the chunk can see are skipped (they add only -inf)
                 live = _block_live(ratio, j, C, xs[0], Kb)
