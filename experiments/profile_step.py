@@ -90,6 +90,7 @@ def trace(fn, args, steps: int, keep: str | None) -> tuple[list, float]:
 def attribute(events: list, meta: dict[str, str], module_prefix: str, steps: int) -> dict:
     comp = collections.Counter()
     fwd_bwd = collections.Counter()
+    per_op = collections.Counter()
     n = 0
     for e in events:
         a = e.get("args", {})
@@ -98,6 +99,7 @@ def attribute(events: list, meta: dict[str, str], module_prefix: str, steps: int
         op = meta.get(a["hlo_op"], "")
         c = classify(op)
         comp[c] += e["dur"]
+        per_op[(a["hlo_op"], op)] += e["dur"]
         fwd_bwd[(c, "backward" if "transpose(" in op else "forward")] += e["dur"]
         n += 1
     total = sum(comp.values())
@@ -105,7 +107,9 @@ def attribute(events: list, meta: dict[str, str], module_prefix: str, steps: int
                 "forward_ms": fwd_bwd[(c, "forward")] / 1e3 / steps,
                 "backward_ms": fwd_bwd[(c, "backward")] / 1e3 / steps}
             for c, v in comp.most_common()}
-    return {"op_ms_per_step": total / 1e3 / steps, "thunks_per_step": n / steps, "components": rows}
+    top = [{"hlo_op": h, "op_name": o, "op_ms": v / 1e3 / steps} for (h, o), v in per_op.most_common(60)]
+    return {"op_ms_per_step": total / 1e3 / steps, "thunks_per_step": n / steps, "components": rows,
+            "top_ops": top}
 
 
 def compiled_costs(compiled) -> dict:
@@ -197,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="after")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "profile"))
     ap.add_argument("--keep-trace", action="store_true")
+    ap.add_argument("--top", type=int, default=0, help="also print the N slowest HLO instructions")
     a = ap.parse_args(argv)
     a.batch = a.batch or (8 if a.job == "train" else 1)
     a.steps = a.steps or (3 if a.job == "train" else 10)
@@ -231,6 +236,8 @@ def main(argv=None) -> int:
     print("| component | op ms/step | share | forward ms | backward ms |\n|---|---:|---:|---:|---:|")
     for c, r in res["components"].items():
         print(f"| {c} | {r['op_ms']:.1f} | {100 * r['share']:.1f}% | {r['forward_ms']:.1f} | {r['backward_ms']:.1f} |")
+    for r in res["top_ops"][:a.top]:
+        print(f"{r['op_ms']:8.1f} ms  {r['hlo_op']:<28} {r['op_name'][-110:]}")
     print(f"wrote {path}")
     return 0
 
