@@ -70,6 +70,7 @@ from bench.peak import cmd_peak  # noqa: E402
 from bench.suite import cmd_all  # noqa: E402
 from bench.train import cmd_train  # noqa: E402
 
+from v4jax import host  # noqa: E402
 from v4jax.runtime import MOE_IMPLS  # noqa: E402
 
 
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:   # as a script: the process (and the transformers workers it starts) as the CLIs run
+        host.reexec_with_hugepages()
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = build_parser()
     passthrough = None

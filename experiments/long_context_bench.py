@@ -218,7 +218,7 @@ def _run_one(idx: int, job: dict) -> None:
         from v4jax.attention.context import SeqContext
 
         cfg = v4jax.preset("tiny", max_seq_len=max(T, 4096))
-        model = v4jax.V4Model.init(cfg, seed=0)
+        model = v4jax.V4Model.init(cfg, seed=0, index_select=job.get("index_select", "top_k"))
         variables = jax.block_until_ready(model.variables)
         info.update(runtime=model.runtime.to_dict(),
                     n_params=int(sum(a.size for a in jax.tree.leaves(variables["params"]))))
@@ -236,7 +236,7 @@ def _run_one(idx: int, job: dict) -> None:
             mod = _dense_module(spec)
             apply = lambda v, x: mod.apply(v, x)
         else:
-            mod = Attention(spec, jnp.float32, jnp.float32, Runtime(attention="xla"))
+            mod = Attention(spec, jnp.float32, jnp.float32, Runtime(attention="xla", index_select=job.get("index_select", "top_k")))
             apply = lambda v, x: mod.apply(v, x, SeqContext())[0]
         x0 = jnp.zeros((1, min(T, 256), job["dim"]), jnp.float32)
         variables = jax.block_until_ready(nn.meta.unbox(jax.jit(mod.init)(jax.random.key(0), x0)))
@@ -599,6 +599,8 @@ def main() -> None:
     ap.add_argument("--q-lora", type=int, default=256, help="Flash: 1024")
     ap.add_argument("--o-groups", type=int, default=2, help="Flash: 8")
     ap.add_argument("--o-lora", type=int, default=128, help="Flash: 1024")
+    ap.add_argument("--index-select", default="top_k", choices=("top_k", "threshold"),
+                    help="Runtime.index_select of the CSA layers and the tiny model (the indexer's running top-k)")
     ap.add_argument("--reps", type=int, default=3, help="timed runs at T <= 16K")
     ap.add_argument("--reps-long", type=int, default=1, help="timed runs at T > 16K")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs after compile at T <= --warmup-max-seq")
@@ -656,7 +658,7 @@ def main() -> None:
 
     dims = dict(dim=args.dim, heads=args.heads, head_dim=args.head_dim, rope_dim=args.rope_dim, window=args.window,
                 topk=args.topk, hca_ratio=args.hca_ratio, index_heads=args.index_heads, index_dim=args.index_dim,
-                q_lora=args.q_lora, o_groups=args.o_groups, o_lora=args.o_lora)
+                q_lora=args.q_lora, o_groups=args.o_groups, o_lora=args.o_lora, index_select=args.index_select)
     results: list[dict] = []
 
     def make_job(kind: str, name: str, T: int, mode: str, extra: dict | None = None) -> dict:

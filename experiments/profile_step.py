@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 
@@ -107,7 +108,7 @@ def attribute(events: list, meta: dict[str, str], module_prefix: str, steps: int
                 "forward_ms": fwd_bwd[(c, "forward")] / 1e3 / steps,
                 "backward_ms": fwd_bwd[(c, "backward")] / 1e3 / steps}
             for c, v in comp.most_common()}
-    top = [{"hlo_op": h, "op_name": o, "op_ms": v / 1e3 / steps} for (h, o), v in per_op.most_common(60)]
+    top = [{"hlo_op": h, "op_name": o, "op_ms": v / 1e3 / steps} for (h, o), v in per_op.most_common(400)]
     return {"op_ms_per_step": total / 1e3 / steps, "thunks_per_step": n / steps, "components": rows,
             "top_ops": top}
 
@@ -186,7 +187,19 @@ def build_decode(a):
     return compiled, run, (tok,), prefix, desc, a.batch
 
 
+def _reexec_with_hugepages() -> None:
+    """As ``v4jax.host.reexec_with_hugepages`` (kept here so that this file can profile a checkout
+    that predates it): the profile of the process the CLIs run, glibc's huge-page malloc on."""
+    tun = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tun or os.environ.get("V4JAX_HUGEPAGES") == "0" or not sys.platform.startswith("linux"):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=f"{tun}:glibc.malloc.hugetlb=1" if tun else "glibc.malloc.hugetlb=1")
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        _reexec_with_hugepages()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", choices=("train", "decode"))
     ap.add_argument("--preset", default="tiny")
@@ -226,7 +239,7 @@ def main(argv=None) -> int:
     res.update(job=a.job, label=a.label, v4jax_path=os.path.dirname(v4jax.__file__), jax=jax.__version__,
                build_and_compile_s=build_s, wall_ms_median=1e3 * wall, traced_wall_ms=1e3 * traced_wall,
                tokens_per_step=tokens, tokens_per_s=tokens / wall, load_avg=os.getloadavg(),
-               date=time.strftime("%Y-%m-%d %H:%M:%S"), **desc, **compiled_costs(compiled))
+               date=time.strftime("%Y-%m-%d %H:%M:%S"), glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), **desc, **compiled_costs(compiled))
     path = os.path.join(a.out, f"{a.job}_{a.label}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)

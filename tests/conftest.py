@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import v4jax
+from v4jax import host
 from v4jax.config import preset
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -28,6 +29,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+# glibc's huge-page malloc (v4jax.host) for the processes the suite starts: the xdist workers (started
+# after this file is read; they run every test under -n) and the v4jax-train subprocesses.
+if os.environ.get(host.OPT_OUT) != "0":
+    os.environ["GLIBC_TUNABLES"] = host.tuned_environ()["GLIBC_TUNABLES"]
 
 
 def small_config(**kw):

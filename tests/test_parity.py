@@ -38,6 +38,12 @@ def test_logits_match_transformers(case):
     assert np.abs(oracle - want).max() <= 1e-4 * scale
     gap = np.abs(got - oracle).max()
     assert gap <= 1e-5 * scale, f"{case}: xla vs oracle {gap:.3g} > 1e-5 * {scale:.3g}"
+    if case != "hf_mixed":   # one case suffices (one more compile each)
+        return
+    # the indexer's threshold-and-compact selection picks the same entries (Runtime.index_select)
+    thr = np.asarray(model.with_runtime(index_select="threshold")(ref["input_ids"]))
+    gap = np.abs(thr - got).max()
+    assert gap <= 1e-5 * scale, f"{case}: index_select threshold vs top_k {gap:.3g} > 1e-5 * {scale:.3g}"
 
 
 def test_mtp_weights_loaded_not_dropped():

@@ -25,6 +25,11 @@ Two models with the same config and variables give the same logits (within fp32 
 * ``ep_capacity``: under a mesh with an ``expert`` axis (``v4jax.moe.expert_parallel``), None
   (default): dropless, each device's expert blocks sized for every pair landing on it; a factor
   ``c > 0``: sized for ``c`` times the balanced load, the pairs beyond dropped and counted.
+* ``index_select``: how the ``xla`` attention's chunked indexer keeps its running top-k over key
+  blocks (whole sequences; cached chunks score their few rows at once): ``"top_k"`` (default:
+  ``lax.top_k`` over [running | block]) or ``"threshold"`` (exact k-th value by bisection on an
+  order-preserving integer key, then compaction; no sort). Same selected set, so the same
+  attention output (within fp32 summation order).
 * ``unroll``: a layer stack of at most this many repeats is unrolled instead of looped (same
   parameters and values; the scan's per-iteration slicing and residual stacking dominate shallow
   stacks, and compile time only grows with the unrolled layers). ``0``: scan every stack.
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 ATTENTION_IMPLS = ("xla", "reference", "pallas")
 MOE_IMPLS = ("auto", "grouped", "blocked", "ragged", "tokamax", "dense")
 REMAT_POLICIES = ("none", "full", "save_matmuls", "offload")
+INDEX_SELECTS = ("top_k", "threshold")
 
 # Old V4Config field names that are runtime options now (accepted by load_hf / V4Model.init).
 LEGACY_KEYS = {"attention_impl": "attention", "moe_impl": "moe"}
@@ -51,6 +57,7 @@ class Runtime:
     q_chunk: int | None = None
     unroll: int = 2
     ep_capacity: float | None = None
+    index_select: str = "top_k"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:
@@ -66,6 +73,8 @@ class Runtime:
                                              or not isinstance(self.ep_capacity, (int, float))
                                              or not self.ep_capacity > 0):
             raise ValueError(f"Runtime.ep_capacity must be None or a number > 0, got {self.ep_capacity!r}")
+        if self.index_select not in INDEX_SELECTS:
+            raise ValueError(f"Runtime.index_select must be one of {INDEX_SELECTS}, got {self.index_select!r}")
         if not isinstance(self.unroll, int) or isinstance(self.unroll, bool) or self.unroll < 0:
             raise ValueError(f"Runtime.unroll must be an integer >= 0, got {self.unroll!r}")
 

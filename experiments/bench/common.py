@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import v4jax  # noqa: E402
+from v4jax import host  # noqa: E402
 from v4jax.moe.experts import resolve_impl  # noqa: E402
 
 DEFAULT_OUT = os.path.join(HERE, "results", "benchmarks")
@@ -82,6 +83,8 @@ def meta(bench_start_load: str | None = None) -> dict:
         "versions": {"v4jax": v4jax.__version__, "jax": jax.__version__, "jaxlib": _pkg("jaxlib"),
                      "flax": _pkg("flax"), "optax": _pkg("optax"), "numpy": np.__version__},
         "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+        # glibc's huge-page malloc (v4jax.host), for this process and the transformers workers it starts
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "hugepage_malloc": host.hugepages_requested(),
     }
 
 

@@ -96,7 +96,8 @@ class Attention(nn.Module):
             xi, qi = (jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)) if ctx.indexer_loss else (x, qr)
             iq, ikeys, iw = self.indexer(xi, qi, segment_ids=seg)
             if ctx.dense_attention is not True or ctx.indexer_loss:
-                topk = backend.select(impl, iq, ikeys, iw, s.indexer.topk, s.compressor.ratio, seg)
+                topk = backend.select(impl, iq, ikeys, iw, s.indexer.topk, s.compressor.ratio, seg,
+                                      self.runtime.index_select)
         o, lse = backend.attend(impl, s, q, kv, self.attn_sink, comp, topk, ctx, self.runtime.q_chunk)
         if s.indexer is not None and ctx.indexer_loss:
             stats = backend.indexer_kl(impl, s, q, comp, lse, iq, ikeys, iw, topk, ctx, self.runtime.q_chunk)

@@ -47,9 +47,11 @@ def _is_static(flag) -> bool:
 
 
 # -------------------------------------------------------------------------------- whole sequence
-def select(impl: str, q, keys, weights, k: int, ratio: int, segment_ids=None):
+def select(impl: str, q, keys, weights, k: int, ratio: int, segment_ids=None, how: str = "top_k"):
     """Indexer top-k: q ``[B, T, n_I, c_I]``, keys ``[B, N, c_I]``, weights ``[B, T, n_I]``
-    -> ``[B, T, min(k, N)]`` int32 (-1 for picks that are not visible). No gradient."""
+    -> ``[B, T, min(k, N)]`` int32 (-1 for picks that are not visible). No gradient.
+    ``how`` (``Runtime.index_select``): the ``xla`` path's running selection, "top_k" or
+    "threshold" (same set; the order of the list differs, which no consumer depends on)."""
     q, keys, weights = (jax.lax.stop_gradient(a) for a in (q, keys, weights))
     B, T = q.shape[:2]
     n = keys.shape[1]
@@ -61,7 +63,8 @@ def select(impl: str, q, keys, weights, k: int, ratio: int, segment_ids=None):
             kp.indexer_scores(q, keys, weights, ratio=ratio, segment_ids=seg, key_segment_ids=kseg), k)
         return per_device(f, (q, keys, weights, segment_ids, kseg),
                           (("batch", None, None, None), _KV, ("batch", None, None), _TOK, _TOK), ("batch", None, None))
-    return xla.indexer_topk_xla(q, keys, weights, k, ratio=ratio, segment_ids=segment_ids, key_segment_ids=kseg)
+    return xla.indexer_topk_xla(q, keys, weights, k, ratio=ratio, segment_ids=segment_ids, key_segment_ids=kseg,
+                                select=how)
 
 
 def attend(impl: str, spec: AttentionSpec, q, kv, sink, comp, topk, ctx: SeqContext, q_chunk=None):

@@ -515,8 +515,10 @@ def indexer_topk_xla(q, keys, weights, k: int, *, ratio: int, segment_ids=None, 
     A running top-k per query is merged with each key block's scores (``lax.top_k`` over
     [running | block]), so the ``[T, N]`` score matrix never exists. No gradient.
     ``select="threshold"`` merges with ``select_positions`` instead (bisection + compaction, no
-    sort): the same set, in ascending entry order with the -1 holes last. Not yet the default: its
-    speed against ``lax.top_k`` on the 16K / 32K forward is unmeasured (issue #23).
+    sort): the same set, in ascending entry order with the -1 holes last (``Runtime.index_select``).
+    Not the default: on XLA:CPU it is no faster (2026-12-07, ``experiments/long_context_bench.py
+    --index-select``): CSA layer forward (k 512) 5.44 / 15.35 s at 16K / 32K against lax.top_k's
+    5.92 / 15.23 s; the tiny model (k 16) 9.86 / 26.9 s against 6.54 / 17.7 s.
     """
     B, T, nI, cI = q.shape
     N = keys.shape[1]

@@ -51,6 +51,8 @@ import json
 import os
 import sys
 
+from v4jax import host
+
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="v4jax-train", description=__doc__.split("\n\n")[1],
@@ -186,6 +188,17 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _tuned(main):
+    """The console-script form of ``main``: first re-executed with glibc's huge-page malloc
+    (``v4jax.host``: about 25% off a CPU train step), except for ``--help``."""
+    def entry() -> int:
+        if not {"-h", "--help"} & set(sys.argv[1:]):
+            host.reexec_with_hugepages()
+        return main()
+    entry.__doc__ = main.__doc__
+    return entry
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     import orbax.checkpoint as ocp
 
@@ -272,3 +285,8 @@ def tokenizer_main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps({"out": out, "vocab_size": tok.vocab_size, **stats, "fingerprint": tok.fingerprint}))
     return 0
+
+
+# console scripts (pyproject.toml): the mains tuned for the host first
+train_entry = _tuned(train_main)
+eval_entry = _tuned(eval_main)
