@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:   # as a script: the process (and the transformers workers it starts) as the CLIs run
-        host.reexec_with_hugepages()
+        host.reexec_tuned()
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = build_parser()
     passthrough = None

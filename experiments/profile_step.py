@@ -187,19 +187,23 @@ def build_decode(a):
     return compiled, run, (tok,), prefix, desc, a.batch
 
 
-def _reexec_with_hugepages() -> None:
-    """As ``v4jax.host.reexec_with_hugepages`` (kept here so that this file can profile a checkout
-    that predates it): the profile of the process the CLIs run, glibc's huge-page malloc on."""
+# v4jax.host.TUNABLES, kept here so that this file can profile a checkout that predates v4jax.host
+_TUNABLES = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=17179869184:"
+             "glibc.malloc.hugetlb=1")
+
+
+def _reexec_tuned() -> None:
+    """As ``v4jax.host.reexec_tuned``: the profile of the process the CLIs run (malloc tuned)."""
     tun = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tun or os.environ.get("V4JAX_HUGEPAGES") == "0" or not sys.platform.startswith("linux"):
+    if "glibc.malloc" in tun or os.environ.get("V4JAX_HOST_TUNING") == "0" or not sys.platform.startswith("linux"):
         return
-    env = dict(os.environ, GLIBC_TUNABLES=f"{tun}:glibc.malloc.hugetlb=1" if tun else "glibc.malloc.hugetlb=1")
+    env = dict(os.environ, GLIBC_TUNABLES=f"{tun}:{_TUNABLES}" if tun else _TUNABLES)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def main(argv=None) -> int:
     if argv is None:
-        _reexec_with_hugepages()
+        _reexec_tuned()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("job", choices=("train", "decode"))
     ap.add_argument("--preset", default="tiny")

@@ -31,7 +31,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
-# glibc's huge-page malloc (v4jax.host) for the processes the suite starts: the xdist workers (started
+# malloc tuned for XLA:CPU (v4jax.host) in the processes the suite starts: the xdist workers (started
 # after this file is read; they run every test under -n) and the v4jax-train subprocesses.
 if os.environ.get(host.OPT_OUT) != "0":
     os.environ["GLIBC_TUNABLES"] = host.tuned_environ()["GLIBC_TUNABLES"]

@@ -11,7 +11,7 @@ from v4jax.attention.compressor import pool_blocks, visible_entries
 from v4jax.attention.core import attention_reference, topk_to_mask
 from v4jax.attention.indexer import select_topk
 from v4jax.config import RopeSpec, preset
-from v4jax.hyper_connection import expand, sinkhorn, stream_mix
+from v4jax.hyper_connection import expand, normalized_mix, sinkhorn, stream_mix
 from v4jax.layers.rope import apply_rope, inv_freq
 from v4jax.moe.experts import (MIN_GROUP_LOAD, block_layout, block_rows, experts_blocked, experts_dense, experts_grouped,
                                experts_ragged, group_capacities, group_layout)
@@ -36,6 +36,41 @@ def test_sinkhorn_matches_numpy_loop(rng):
         p = p / (p.sum(1, keepdims=True) + 1e-6)
         p = p / (p.sum(0, keepdims=True) + 1e-6)
     np.testing.assert_allclose(np.asarray(sinkhorn(jnp.asarray(x, jnp.float32), 20, 1e-6)), p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("iters,s", [(1, 1.0), (2, 3.0), (20, 0.3), (20, 4.0)])
+def test_sinkhorn_vjp_matches_autodiff_of_the_plain_loop(iters, s, rng):
+    """The hand-written backward of ``sinkhorn`` against autodiff of the textbook loop on the
+    trailing ``[4, 4]`` axes (softmax over each row, then column / row sums)."""
+    def plain(x):
+        p = jax.nn.softmax(x, axis=-1) + 1e-6
+        p = p / (p.sum(-2, keepdims=True) + 1e-6)
+        for _ in range(iters - 1):
+            p = p / (p.sum(-1, keepdims=True) + 1e-6)
+            p = p / (p.sum(-2, keepdims=True) + 1e-6)
+        return p
+    x = jnp.asarray(rng.normal(0, s, (3, 5, 4, 4)), jnp.float32)
+    ct = jnp.asarray(rng.normal(size=(3, 5, 4, 4)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(sinkhorn(x, iters, 1e-6)), np.asarray(plain(x)), rtol=1e-5, atol=1e-6)
+    ga = jax.grad(lambda x: jnp.sum(sinkhorn(x, iters, 1e-6) * ct))(x)
+    gb = jax.grad(lambda x: jnp.sum(plain(x) * ct))(x)
+    assert np.abs(np.asarray(gb)).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=1e-4, atol=1e-6)
+
+
+def test_normalized_mix_matches_numpy(rng):
+    """RMS norm then projection (numpy, float64), and its gradient through jax's autodiff of the
+    unfused form."""
+    x = rng.normal(0, 3, (2, 7, 64)).astype(np.float32)
+    fn = rng.normal(0, 0.02, (24, 64)).astype(np.float32)
+    xd = x.astype(np.float64)
+    want = (xd / np.sqrt((xd ** 2).mean(-1, keepdims=True) + 1e-6)) @ fn.T.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(normalized_mix(jnp.asarray(x), jnp.asarray(fn), 1e-6)), want, rtol=2e-5, atol=1e-6)
+    unfused = lambda x, f: jnp.einsum("...k,mk->...m", x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6), f)
+    ga = jax.grad(lambda x, f: jnp.sum(normalized_mix(x, f, 1e-6) ** 2), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(fn))
+    gb = jax.grad(lambda x, f: jnp.sum(unfused(x, f) ** 2), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(fn))
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_sinkhorn_zero_logits_uniform():

@@ -14,13 +14,53 @@ and ``X'[b] = post[b] * F(u) + sum_a comb[a, b] * X[a]`` (the transposed mix: di
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from v4jax.config import HCSpec
 from v4jax.layers.linear import param_with_axes
-from v4jax.layers.norms import rms_normalize
+
+
+def _sinkhorn_axes(iters: int) -> tuple[int, ...]:
+    """The normalised axis of each step on ``[n(row), n(col), N]``: columns (0) after the row
+    softmax, then (rows 1, columns 0) ``iters - 1`` times."""
+    return (0,) + (1, 0) * (iters - 1)
+
+
+def _sinkhorn_steps(q: jnp.ndarray, iters: int, eps: float):
+    """q ``[n, n, N]`` fp32 logits -> (row softmax, each step's output, each step's divisor)."""
+    sm = jax.nn.softmax(q, axis=1)
+    p, outs, divs = sm + eps, [], []
+    for ax in _sinkhorn_axes(iters):
+        d = jnp.sum(p, axis=ax, keepdims=True) + eps
+        p = p / d
+        outs.append(p)
+        divs.append(d)
+    return sm, outs, divs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _sinkhorn_nnN(q: jnp.ndarray, iters: int, eps: float) -> jnp.ndarray:
+    return _sinkhorn_steps(q, iters, eps)[1][-1]
+
+
+def _sinkhorn_fwd(q, iters, eps):
+    return _sinkhorn_nnN(q, iters, eps), q
+
+
+def _sinkhorn_bwd(iters, eps, q, g):
+    # each step p' = p / d with d = sum_axis(p) + eps has the VJP g -> (g - sum_axis(g * p')) / d;
+    # the steps are recomputed from q (the forward is one fused loop; saving them would cost more)
+    sm, outs, divs = _sinkhorn_steps(q, iters, eps)
+    for ax, p, d in zip(reversed(_sinkhorn_axes(iters)), reversed(outs), reversed(divs)):
+        g = (g - jnp.sum(g * p, axis=ax, keepdims=True)) / d
+    return (sm * (g - jnp.sum(g * sm, axis=1, keepdims=True)),)
+
+
+_sinkhorn_nnN.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
 
 
 def sinkhorn(logits: jnp.ndarray, iters: int, eps: float) -> jnp.ndarray:
@@ -30,29 +70,29 @@ def sinkhorn(logits: jnp.ndarray, iters: int, eps: float) -> jnp.ndarray:
 
     Computed with the n x n axes leading (``[n, n, tokens]``): the row and column sums are then
     adds of contiguous vectors, which XLA:CPU runs ~5x faster forward and ~2x backward than
-    reductions over two trailing axes of size 4 (experiments/results/profile)."""
+    reductions over two trailing axes of size 4 (experiments/results/profile). The steps are
+    unrolled (a loop would launch each of the 19 rounds as its own thunks) and the gradient is
+    hand-written (``_sinkhorn_bwd``, tested against autodiff of the plain loop): autodiff of the
+    unrolled chain compiles to 178 instructions on XLA:CPU, this to 112 (1.2-2x faster)."""
     shape, n = logits.shape, logits.shape[-1]
     q = jnp.moveaxis(logits.astype(jnp.float32).reshape(-1, n, n), 0, -1)   # [n(row), n(col), N]
-    e = jnp.exp(q - jnp.max(q, axis=1, keepdims=True))
-    p = e / jnp.sum(e, axis=1, keepdims=True) + eps
-    p = p / (jnp.sum(p, axis=0, keepdims=True) + eps)
+    return jnp.moveaxis(_sinkhorn_nnN(q, int(iters), float(eps)), -1, 0).reshape(shape)
 
-    def body(_, p):
-        p = p / (jnp.sum(p, axis=1, keepdims=True) + eps)
-        return p / (jnp.sum(p, axis=0, keepdims=True) + eps)
 
-    # unrolled: the loop body is a few elementwise ops on [n, n, N]; as a while loop each of the
-    # 19 iterations is its own thunk launch forward and backward, unrolled XLA fuses them
-    p = jax.lax.fori_loop(0, iters - 1, body, p, unroll=True)
-    return jnp.moveaxis(p, -1, 0).reshape(shape)
+def normalized_mix(x: jnp.ndarray, fn: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """``rms_normalize(x) @ fn.T`` for x ``[..., k]``, fn ``[m, k]`` -> ``[..., m]`` fp32, with the
+    norm's per-row factor applied after the projection (a row scalar commutes with it): no
+    normalised ``[..., k]`` copy is written, 2.5x faster forward on the tiny shapes."""
+    xf = x.astype(jnp.float32)
+    r = jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))
+    return jnp.einsum("...k,mk->...m", xf, fn.astype(jnp.float32)) * r
 
 
 def hc_coefficients(x: jnp.ndarray, fn: jnp.ndarray, base: jnp.ndarray, scale: jnp.ndarray,
                     spec: HCSpec):
     """x ``[B, T, n, d]`` -> (pre ``[B,T,n]``, post ``[B,T,n]``, comb ``[B,T,n,n]``), fp32."""
     n = spec.n_streams
-    flat = rms_normalize(x.reshape(*x.shape[:-2], n * x.shape[-1]), spec.norm_eps)
-    mix = jnp.einsum("...k,mk->...m", flat, fn.astype(jnp.float32))
+    mix = normalized_mix(x.reshape(*x.shape[:-2], n * x.shape[-1]), fn, spec.norm_eps)
     base = base.astype(jnp.float32)
     scale = scale.astype(jnp.float32)
     pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + spec.eps
@@ -129,7 +169,6 @@ class HCHead(nn.Module):
         fn = param_with_axes(self, "fn", nn.initializers.normal(0.02), (n, n * d), ("hc", "hc_embed"))
         base = param_with_axes(self, "base", nn.initializers.zeros, (n,), ("hc",))
         scale = param_with_axes(self, "scale", nn.initializers.constant(0.01), (1,), (None,))
-        flat = rms_normalize(x.reshape(*x.shape[:-2], n * d), self.spec.norm_eps)
-        mix = jnp.einsum("...k,mk->...m", flat, fn.astype(jnp.float32))
+        mix = normalized_mix(x.reshape(*x.shape[:-2], n * d), fn, self.spec.norm_eps)
         pre = jax.nn.sigmoid(mix * scale.astype(jnp.float32)[0] + base.astype(jnp.float32)) + self.spec.eps
         return collapse(x, pre)

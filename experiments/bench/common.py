@@ -83,8 +83,8 @@ def meta(bench_start_load: str | None = None) -> dict:
         "versions": {"v4jax": v4jax.__version__, "jax": jax.__version__, "jaxlib": _pkg("jaxlib"),
                      "flax": _pkg("flax"), "optax": _pkg("optax"), "numpy": np.__version__},
         "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
-        # glibc's huge-page malloc (v4jax.host), for this process and the transformers workers it starts
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "hugepage_malloc": host.hugepages_requested(),
+        # malloc tuned for XLA:CPU (v4jax.host), for this process and the transformers workers it starts
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "host_tuned": host.tuned(),
     }
 
 
