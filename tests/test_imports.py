@@ -24,8 +24,9 @@ PACKAGES = ("v4jax", "kernels_pallas")
 LAYERS: list[tuple[str, ...]] = [
     # a leaf library: imports nothing of v4jax
     ("kernels_pallas",),
-    # leaves of v4jax: the config, the rules table and the active mesh, input checks, layers, data
-    ("v4jax.config", "v4jax.runtime", "v4jax.sharding", "v4jax.inputs", "v4jax.layers", "v4jax.data",
+    # leaves of v4jax: the config, the rules table and the active mesh, input checks, layers, data,
+    # the host's malloc tunables
+    ("v4jax.config", "v4jax.runtime", "v4jax.host", "v4jax.sharding", "v4jax.inputs", "v4jax.layers", "v4jax.data",
      "v4jax.weights.naming", "v4jax.weights.quant", "v4jax.weights.safetensors_io",
      "v4jax.inference.sampling", "v4jax.train.metrics", "v4jax.train.preemption", "v4jax.parallel.distributed",
      "v4jax.parallel.mesh"),
