@@ -6,6 +6,7 @@ import os
 import pytest
 
 from v4jax.config import ConfigError, V4Config, preset
+from v4jax.runtime import Runtime
 
 # copies of ../shared/spec/configs (the released Flash / Pro configs)
 SPEC = os.path.join(os.path.dirname(__file__), "data", "configs")
@@ -70,3 +71,14 @@ def test_to_hf_dict_is_json_and_has_yarn():
     d = preset("tiny").to_hf_dict()
     json.dumps(d)
     assert d["rope_scaling"]["type"] == "yarn" and d["compress_rates"]["heavily_compressed_attention"] == 32
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(index_select="sort"), "index_select"),
+    (dict(index_select="threshold", attention="reference"), "xla"),
+    (dict(index_select="threshold", attention="pallas"), "xla"),
+])
+def test_runtime_rejects_index_select_it_cannot_honour(kw, words):
+    with pytest.raises(ValueError, match=words):
+        Runtime(**kw)
+    assert Runtime(index_select="threshold").attention == "xla"

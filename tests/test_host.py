@@ -4,7 +4,9 @@ what the module says: a freed large block is reused without page faults)."""
 
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -81,3 +83,11 @@ def test_tunables_reuse_freed_memory_without_page_faults():
     tuned = int(_run(_FAULTS, {"NUMPY_MADVISE_HUGEPAGE": "0", "GLIBC_TUNABLES": ALL}).stdout)
     assert plain >= 3 * 65536                    # plain glibc: each block mmapped, 65,536 pages faulted anew
     assert tuned < 100, (plain, tuned)           # tuned: the freed block stays in the heap, reused
+
+
+def test_profile_step_copy_of_the_tunables_matches_host():
+    """experiments/profile_step.py carries its own copy (to profile older checkouts): no drift."""
+    src = (pathlib.Path(__file__).parents[1] / "experiments" / "profile_step.py").read_text()
+    (copy,) = [ast.literal_eval(node.value) for node in ast.walk(ast.parse(src))
+               if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "_TUNABLES" for t in node.targets)]
+    assert copy == host.tunables_string()

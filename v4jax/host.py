@@ -36,6 +36,8 @@ import os
 import platform
 import sys
 
+# experiments/profile_step.py keeps a literal copy (it profiles checkouts older than this module);
+# tests/test_host.py checks that the two agree.
 TUNABLES = {
     "glibc.malloc.mmap_max": "0",
     "glibc.malloc.arena_max": "1",

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from v4jax.config import HCSpec
 from v4jax.layers.linear import param_with_axes
+from v4jax.layers.norms import rms_factor
 
 
 def _sinkhorn_axes(iters: int) -> tuple[int, ...]:
@@ -84,8 +85,7 @@ def normalized_mix(x: jnp.ndarray, fn: jnp.ndarray, eps: float) -> jnp.ndarray:
     norm's per-row factor applied after the projection (a row scalar commutes with it): no
     normalised ``[..., k]`` copy is written, 2.5x faster forward on the tiny shapes."""
     xf = x.astype(jnp.float32)
-    r = jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))
-    return jnp.einsum("...k,mk->...m", xf, fn.astype(jnp.float32)) * r
+    return jnp.einsum("...k,mk->...m", xf, fn.astype(jnp.float32)) * rms_factor(xf, eps)
 
 
 def hc_coefficients(x: jnp.ndarray, fn: jnp.ndarray, base: jnp.ndarray, scale: jnp.ndarray,

@@ -75,6 +75,9 @@ class Runtime:
             raise ValueError(f"Runtime.ep_capacity must be None or a number > 0, got {self.ep_capacity!r}")
         if self.index_select not in INDEX_SELECTS:
             raise ValueError(f"Runtime.index_select must be one of {INDEX_SELECTS}, got {self.index_select!r}")
+        if self.index_select != "top_k" and self.attention != "xla":
+            raise ValueError(f"Runtime.index_select={self.index_select!r} is a choice of the 'xla' attention; "
+                             f"attention={self.attention!r} always selects with top_k")
         if not isinstance(self.unroll, int) or isinstance(self.unroll, bool) or self.unroll < 0:
             raise ValueError(f"Runtime.unroll must be an integer >= 0, got {self.unroll!r}")
 

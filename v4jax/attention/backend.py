@@ -52,6 +52,8 @@ def select(impl: str, q, keys, weights, k: int, ratio: int, segment_ids=None, ho
     -> ``[B, T, min(k, N)]`` int32 (-1 for picks that are not visible). No gradient.
     ``how`` (``Runtime.index_select``): the ``xla`` path's running selection, "top_k" or
     "threshold" (same set; the order of the list differs, which no consumer depends on)."""
+    if how != "top_k" and impl != "xla":
+        raise ValueError(f"index selection {how!r} exists only on the 'xla' attention, not {impl!r}")
     q, keys, weights = (jax.lax.stop_gradient(a) for a in (q, keys, weights))
     B, T = q.shape[:2]
     n = keys.shape[1]

@@ -8,10 +8,15 @@ import jax.numpy as jnp
 from v4jax.layers.linear import param_with_axes
 
 
+def rms_factor(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """The RMSNorm row factor ``1 / sqrt(mean(x^2) + eps)`` over the last axis, fp32, ``[..., 1]``."""
+    xf = x.astype(jnp.float32)
+    return jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))
+
+
 def rms_normalize(x: jnp.ndarray, eps: float) -> jnp.ndarray:
     """Unweighted RMSNorm over the last axis, in fp32: ``x / sqrt(mean(x^2) + eps)``."""
-    xf = x.astype(jnp.float32)
-    return xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps))
+    return x.astype(jnp.float32) * rms_factor(x, eps)
 
 
 class RMSNorm(nn.Module):
