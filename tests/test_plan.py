@@ -62,8 +62,11 @@ def test_flash_totals_match_count_params(flash_plan):
 def test_indivisible_axis_is_reported():
     tc = train_preset("tiny", ["batch_size=4"])
     r = make_plan(tc, {"fsdp": 3})                 # dim 256 does not split in 3; batch 4 neither
-    msgs = [p["message"] for p in r["problems"]]
+    # the parameter dims fall back to whole (a layout that exists), each one named in a note
+    msgs = [p["message"] for p in r["unsplit_dims"]]
     assert any(m.startswith("params/embed/embedding: dim 1 of size 256") and "3 shards" in m for m in msgs), msgs
+    assert not any(p["path"].startswith("params/") for p in r["problems"])
+    # the batch cannot fall back: still a problem
     assert any(p["path"] == "batch" for p in r["problems"])
     assert not r["fits"]
 

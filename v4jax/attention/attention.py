@@ -31,6 +31,7 @@ from v4jax.layers.linear import Linear, param_with_axes
 from v4jax.layers.norms import RMSNorm, rms_normalize
 from v4jax.layers.rope import apply_rope
 from v4jax.runtime import Runtime
+from v4jax.sharding import constrain
 
 
 class Attention(nn.Module):
@@ -79,7 +80,10 @@ class Attention(nn.Module):
         g = s.o_groups
         o = o.reshape(B, T, g, s.n_heads * s.head_dim // g)
         u = jnp.einsum("btgi,gio->btgo", o, self.wo_a.astype(self.dtype)).astype(self.dtype)
-        return self.wo_b(u.reshape(B, T, g * s.o_lora_rank))
+        # pinned to the batch split (d whole, as the residual add wants it): left to propagation,
+        # XLA's SPMD partitioner can permute this output's batch blocks and not undo it when the
+        # groups and wo_b's rows are on "tensor" (experiments/repro/spmd_batch_permute.py)
+        return constrain(self.wo_b(u.reshape(B, T, g * s.o_lora_rank)), ("batch", "act_seq", "act_embed"))
 
     # -- whole sequence -----------------------------------------------------------------------
     def __call__(self, x: jnp.ndarray, ctx: SeqContext = SeqContext()) -> tuple[jnp.ndarray, IndexerStats]:

@@ -57,7 +57,7 @@ class Indexer(nn.Module):
     def setup(self):
         s = self.spec
         self.wq_b = Linear(s.n_heads * s.head_dim, ("q_lora", "index_heads"), self.dtype, self.param_dtype)
-        self.weights_proj = Linear(s.n_heads, ("embed", None), jnp.float32, self.param_dtype)
+        self.weights_proj = Linear(s.n_heads, ("embed", "index_heads"), jnp.float32, self.param_dtype)
         self.compressor = Compressor(s.compressor, self.rope, self.param_dtype)
 
     def queries(self, x: jnp.ndarray, qr: jnp.ndarray, positions: jnp.ndarray):

@@ -29,10 +29,12 @@ def logical_specs(cfg: V4Config):
 
 
 def mesh_shardings(cfg: V4Config, mesh: Mesh, rules=RULES):
-    """``NamedSharding`` per parameter for ``mesh``; mesh axes absent from the mesh are dropped."""
+    """``NamedSharding`` per parameter for ``mesh``: its logical axes through the rules, mesh axes
+    absent from the mesh dropped, and only mesh axes that divide their dim (else the next rule)."""
     specs = logical_specs(cfg)
-    to_mesh = lambda spec: NamedSharding(mesh, to_mesh_spec(spec, mesh, rules))
-    return jax.tree.map(to_mesh, specs, is_leaf=lambda x: isinstance(x, P))
+    shapes = abstract_variables(cfg)["params"]
+    to_mesh = lambda spec, x: NamedSharding(mesh, to_mesh_spec(spec, mesh, rules, shape=x.shape))
+    return jax.tree.map(to_mesh, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def variables_shardings(cfg, mesh: Mesh, variables_like) -> dict:

@@ -86,7 +86,7 @@ from v4jax.moe.experts import MIN_GROUP_LOAD, block_rows, group_capacities, toka
 from v4jax.parallel.mesh import batch_sharding, make_mesh, mesh_context, parse_mesh, replicated
 from v4jax.parallel.placement import cache_shardings, logical_specs, state_shardings
 from v4jax.params import abstract_variables, count_params
-from v4jax.sharding import MESH_AXES, batch_axes, batch_shards, to_mesh_spec
+from v4jax.sharding import BATCH_AXES, MESH_AXES, batch_axes, batch_shards, to_mesh_spec
 from v4jax.train.config import train_preset
 from v4jax.train.optimizer import MUON, make_optimizer, matrix_views, param_labels
 from v4jax.train.step import abstract_state, make_train_step
@@ -199,9 +199,9 @@ def muon_gather(params, logical, mesh, ns_steps: int) -> dict:
             continue
         view = views[path]
         lg = tuple(specs[path])
-        full = dim_shards(to_mesh_spec(lg, mesh), leaf.ndim, shape)
+        full = dim_shards(to_mesh_spec(lg, mesh, shape=leaf.shape), leaf.ndim, shape)
         # the constraint orthogonalize_updates puts on [*lead, k, n, m]: lead axes keep theirs
-        lead = dim_shards(to_mesh_spec(lg[:view.batch] + (None,) * 3, mesh), view.batch, shape)
+        lead = dim_shards(to_mesh_spec(lg[:view.batch], mesh, shape=leaf.shape[:view.batch]), view.batch, shape)
         lead_shards = math.prod(lead)
         mat_shards = math.prod(full) // lead_shards
         item = jax.numpy.dtype(leaf.dtype).itemsize
@@ -279,14 +279,53 @@ def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool 
     return t
 
 
+REPLICATED_REPORT_BYTES = 16 << 20     # the planner lists every replicated parameter above this
+
+
+def _unsplit_params(params, logical, mesh):
+    """(every parameter above ``REPLICATED_REPORT_BYTES`` that a mesh of more than one device keeps
+    whole on every device, the dims a rule would split but whose size the mesh axes do not divide:
+    they fall back to the next rule, or stay whole)."""
+    import jax
+
+    specs = dict(_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    shape = dict(mesh.shape)
+    devices = math.prod(shape.values()) if shape else 1
+    replicated, unsplit = [], []
+    for path, leaf in _leaves(params):
+        lg = tuple(specs[path])
+        spec = to_mesh_spec(lg, mesh, shape=leaf.shape)
+        whole = nbytes_of(leaf.shape, leaf.dtype)
+        if devices > 1 and whole > REPLICATED_REPORT_BYTES and math.prod(dim_shards(spec, leaf.ndim, shape)) == 1:
+            replicated.append({"path": f"params/{path}", "shape": list(leaf.shape), "logical": str(lg),
+                               "bytes": whole})
+        wanted = to_mesh_spec(lg, mesh)
+        for i, (w, got) in enumerate(zip(tuple(wanted) + (None,) * leaf.ndim, tuple(spec) + (None,) * leaf.ndim)):
+            if i >= leaf.ndim or w == got or w is None:
+                continue
+            n = dim_shards(jax.sharding.PartitionSpec(w), 1, shape)[0]
+            unsplit.append({"path": f"params/{path}", "shape": list(leaf.shape), "dim": i, "size": leaf.shape[i],
+                            "wanted": str(w), "got": str(got),
+                            "message": f"params/{path}: dim {i} of size {leaf.shape[i]} (shape {tuple(leaf.shape)}) "
+                                       f"does not divide into {n} shards on {w}: placed on {got}"})
+    return replicated, unsplit
+
+
+def _drop_batch_axes(entry):
+    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    kept = tuple(x for x in axes if x not in BATCH_AXES)
+    return kept or None
+
+
 def _fsdp_gather(params, logical, mesh, a: int) -> float:
-    """The largest layer's weights (compute dtype) with ``fsdp`` gathered, per device."""
+    """The largest layer's weights (compute dtype) as its matmuls see them, per device: the batch
+    axes (``fsdp``, and ``expert`` on dense leaves) gathered; ``tensor`` and the expert split of
+    the ``experts`` dim kept."""
     import jax
 
     specs = dict(_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
     per_layer: dict[str, float] = {}
     shape = dict(mesh.shape)
-    shape["fsdp"] = 1
     for path, leaf in _leaves(params):
         parts = path.split("/")
         if parts[0].startswith("stack_"):
@@ -295,7 +334,10 @@ def _fsdp_gather(params, logical, mesh, a: int) -> float:
             key, reps = parts[0], 1
         else:
             continue
-        sh = dim_shards(to_mesh_spec(tuple(specs[path]), mesh), leaf.ndim, shape)
+        lg = tuple(specs[path])
+        spec = to_mesh_spec(lg, mesh, shape=leaf.shape)
+        kept = [e if n == "experts" else _drop_batch_axes(e) for n, e in zip(lg + (None,) * leaf.ndim, spec)]
+        sh = dim_shards(jax.sharding.PartitionSpec(*kept), leaf.ndim, shape)
         per_layer[key] = per_layer.get(key, 0.0) + a * leaf.size / reps / math.prod(sh)
     return 2 * max(per_layer.values(), default=0.0)
 
@@ -410,6 +452,7 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
                   for (p, x), s in zip(_leaves(state["params"]), jax.tree.leaves(sh["params"]))),
                  key=lambda t: -t[0])[:8]
     top_params = [{"path": p, "shape": list(x.shape), "spec": str(s), "per_device": b} for b, p, x, s in top]
+    replicated_large, unsplit = _unsplit_params(state["params"], logical, mesh)
     n_batch = batch_shards(mesh)
     if tc.batch_size % n_batch:
         problems.append({"path": "batch", "size": tc.batch_size, "shards": n_batch,
@@ -456,7 +499,8 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
         "runtime": tc.runtime.to_dict(), "moe_dispatch": moe_impl,
         "param_count": {"total": pc.total, "total_with_mtp": pc.total_with_mtp,
                         "leaves_sum": int(sum(x.size for x in jax.tree.leaves(state["params"])))},
-        "params": parts["params"], "top_param_leaves": top_params, "opt_state": parts["opt_state"], "grads": grads,
+        "params": parts["params"], "top_param_leaves": top_params,
+        "replicated_params": replicated_large, "unsplit_dims": unsplit, "opt_state": parts["opt_state"], "grads": grads,
         "buffers": parts["buffers"], "step_rng": scalars, "batch_bytes": batch_bytes,
         "activations": act, "muon": {k: v for k, v in muon.items() if k != "rows"},
         "muon_leaves": muon["rows"], "muon_transient": muon_transient,
@@ -624,6 +668,12 @@ def format_report(r: dict) -> str:
     if r.get("top_param_leaves"):
         L.append("largest parameter leaves per device: " + "; ".join(
             f"{t['path']} {t['spec'].replace('PartitionSpec', 'P')} {_g(t['per_device'])}" for t in r["top_param_leaves"][:4]))
+    rep = r.get("replicated_params", [])
+    L.append(f"replicated parameters above {REPLICATED_REPORT_BYTES >> 20} MiB: "
+             + ("none" if not rep else f"{len(rep)}, {_g(sum(t['bytes'] for t in rep))} GiB on every device: " + "; ".join(
+                 f"{t['path']} {tuple(t['shape'])} {t['logical']}" for t in rep[:8]) + (" ..." if len(rep) > 8 else "")))
+    for u in r.get("unsplit_dims", [])[:8]:
+        L.append(f"  note: {u['message']}")
     c = r["cache"]
     if c:
         L.append(f"decode cache ({c['format']} {c['dtype']}, {c['batch']} x {c['len']:,} tokens): "

@@ -189,7 +189,7 @@ def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: f
                 y = jnp.swapaxes(y, -1, -2)
             if mesh is not None:
                 lead = tuple(axes[p][:view.batch]) if axes and p in axes else (None,) * view.batch
-                if any(a is not None for a in to_mesh_spec(lead, mesh)):
+                if any(a is not None for a in to_mesh_spec(lead, mesh, shape=y.shape[:view.batch])):
                     # leading axes stay split (experts on their devices), each matrix gathered
                     y = constrain(y, lead + (None, None, None))
                     o = hybrid_newton_schulz(y, coeffs, eps, matmul_dtype) * (rms_scale * math.sqrt(y.shape[-1]))
