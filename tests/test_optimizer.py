@@ -15,9 +15,24 @@ import pytest
 
 from v4jax.config import ConfigError, preset
 from v4jax.params import abstract_variables
-from v4jax.train.optimizer import (KELLER_NS_COEFFS, V4_NS_COEFFS, MatrixView, OptimizerConfig,
-                                   UnknownParameterError, hybrid_newton_schulz, lr_schedule, make_optimizer,
-                                   matrix_views, param_labels, scale_by_v4_muon)
+from v4jax.train.optimizer import (
+    KELLER_NS_COEFFS,
+    V4_NS_COEFFS,
+    MatrixView,
+    MuonSplit,
+    OptimizerConfig,
+    UnknownParameterError,
+    hybrid_newton_schulz,
+    lr_schedule,
+    make_optimizer,
+    matrix_views,
+    muon_layout,
+    muon_matrices,
+    ns_flops,
+    param_labels,
+    path_str,
+    scale_by_v4_muon,
+)
 
 MU, RMS, WD = 0.95, 0.18, 0.1
 
@@ -490,3 +505,47 @@ def test_jit_step_on_tiny_tree(rng, tiny_stacked):
             k = views[path].col_blocks  # [*batch, n, k m] -> [*batch, n, k, m]: RMS over (n, m)
             r = np.sqrt(np.mean(np.square(o.reshape(*o.shape[:-1], k, -1)), axis=(-3, -1)))
             np.testing.assert_allclose(r, RMS, atol=1e-3, err_msg=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed Muon's layout (which device orthogonalises what; the mesh tests are in test_parallel)
+# ---------------------------------------------------------------------------------------------
+
+
+def _busiest_over_ideal(mats, mesh_shape, layout):
+    devices = math.prod(mesh_shape.values())
+    per = sum(-(-k // layout[p].shards(mesh_shape)[0]) * ns_flops(s, l, 1) / layout[p].shards(mesh_shape)[1]
+              for p, (k, s, l) in mats.items())
+    return per / (sum(k * ns_flops(s, l, 1) for k, s, l in mats.values()) / devices)
+
+
+def test_muon_layout_splits_matrices_then_long_sides():
+    mesh = {"fsdp": 4, "expert": 2}
+    mats = {"many": (64, 16, 32), "one": (1, 16, 64), "odd": (3, 5, 7)}
+    lay = muon_layout(mats, mesh)
+    assert lay["many"] == MuonSplit(("fsdp", "expert"), ())           # 8 matrices per device, no waste
+    assert lay["one"].l_axes and lay["one"].shards(mesh)[1] > 1        # 1 matrix on 8 devices: long side split
+    assert 16 % lay["one"].shards(mesh)[1] == 0 and 64 % lay["one"].shards(mesh)[1] == 0
+    assert lay["odd"].l_axes == ()                                      # 5 x 7 cannot split: padded
+    for s in lay.values():                                              # every mesh axis used exactly once
+        assert sorted(s.k_axes + s.l_axes) == ["expert", "fsdp"]
+    assert muon_layout({"a": (8, 4, 4)}, {}) == {"a": MuonSplit((), ())}   # one device
+
+
+@pytest.mark.parametrize("preset,mesh", [("flash", {"fsdp": 32, "expert": 8}), ("flash", {"fsdp": 16, "expert": 8}),
+                                         ("pro", {"fsdp": 64, "expert": 16}), ("pro", {"fsdp": 32, "expert": 16})])
+def test_muon_layout_balances_the_real_models(preset, mesh):
+    """#21: Newton-Schulz FLOPs per device at most 1.1 x total / devices on the pods of the issue."""
+    from v4jax.params import abstract_variables
+    from v4jax.train.config import train_preset
+
+    tc = train_preset(preset)
+    params = abstract_variables(tc.model)["params"]
+    views = matrix_views(params)
+    shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    mats = muon_matrices(views, shapes)
+    lay = muon_layout(mats, mesh, tc.optim.muon_balance)
+    assert _busiest_over_ideal(mats, mesh, lay) <= 1.1
+    # the routed experts (98% of the work) are split over all devices, whole matrices
+    experts = [p for p in mats if p.endswith("ffn/experts/w1") and p.startswith("stack_")]
+    assert experts and all(lay[p].l_axes == () or mats[p][0] < math.prod(mesh.values()) for p in experts)

@@ -44,13 +44,18 @@ def test_flash_totals_match_count_params(flash_plan):
     assert 0 <= r["opt_state"]["global"] - 4 * (muon + 2 * adam) < 64
     # routed experts: split over expert x fsdp = all 256 devices
     assert r["problems"] == [] and r["batch_shards"] == 256 and r["b_local"] == 1
-    # Muon: routed experts keep their expert split (lead shards 8) and gather the fsdp split (32)
-    w1 = [x for x in r["muon_leaves"] if x["path"].endswith("ffn/experts/w1")]
-    assert w1 and all(x["lead_shards"] == 8 and x["matrix_shards"] == 32 for x in w1)
+    # distributed Muon: the routed experts' matrices split over all 256 devices, whole; NS balanced
+    w1 = [x for x in r["muon_leaves"] if x["path"].endswith("ffn/experts/w1") and x["path"].startswith("stack_")]
+    assert w1 and all(x["k_shards"] == 256 and x["l_shards"] == 1 for x in w1)
     x = w1[0]
-    assert x["gathered"] == pytest.approx(x["whole"] * (1 - 1 / 32))
-    assert x["whole"] == pytest.approx(4 * jax.numpy.prod(jax.numpy.array(x["shape"], float)) / 8)
-    assert 0 < r["muon"]["gathered_per_device"] < r["muon"]["whole_per_device"]
+    assert x["owned"] == -(-x["matrices"] // 256) and x["matrices"] == x["shape"][0] * x["shape"][1]
+    assert x["to_owner"] == pytest.approx(4 * x["owned"] * x["short"] * x["long"])
+    assert x["back"] == pytest.approx(4 * math.prod(x["shape"]) / 256)      # the parameter's own shard
+    m = r["muon"]
+    assert 1.0 <= m["ns_balance"] <= 1.1
+    assert m["ns_tflop_per_device"] == pytest.approx(m["ns_balance"] * m["ns_tflop_ideal"])
+    assert m["moved_per_device"] == pytest.approx(m["to_owner_per_device"] + m["back_per_device"]
+                                                  + m["ns_collective_per_device"])
     # decode cache: 256 sequences over 256 batch shards -> one per device
     c = r["cache"]                     # everything split but the replicated max_len scalar
     assert c["split_over_batch_axes"] and c["per_device"] * 256 - c["global"] == 255 * 4
@@ -76,7 +81,7 @@ def test_cli_text_json_and_exit_codes(tmp_path, capsys):
     assert main(["--preset", "tiny", "--mesh", "fsdp=2,expert=4", "--batch", "8", "--seq-len", "64",
                  "--cache-len", "1024", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "TOTAL (training step)" in text and "Muon gather per step" in text and "decode cache" in text
+    assert "TOTAL (training step)" in text and "Muon, distributed: Newton-Schulz" in text and "decode cache" in text
     r = json.loads(out.read_text())
     assert r["mesh"] == {"fsdp": 2, "expert": 4} and r["devices"] == 8 and r["b_local"] == 1
     assert r["total_per_device"] < r["hbm_gib"] * GIB and r["fits"]

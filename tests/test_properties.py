@@ -270,7 +270,7 @@ _BAD_TRAIN = {
     "model.n_activated_experts": [17, True], "model.dtype": ["float16", 32], "model.rope_theta": ["x", True],
     "model.vocab_size": [0, 4096.0], "model.norm_eps": [0, "tiny"],
     "optim.peak_lr": [0, -1, "x", True], "optim.warmup_steps": [True, 1.5, 100], "optim.total_steps": ["110"],
-    "optim.clip": [0, "x", True], "optim.muon_bucket": [1, "yes"], "optim.adam_b1": [1.0, -0.1],
+    "optim.clip": [0, "x", True], "optim.muon_bucket": [1, "yes"], "optim.muon_balance": [0.5, "x"], "optim.adam_b1": [1.0, -0.1],
     "runtime.attention": ["flash", 5], "runtime.moe": ["fast"], "runtime.remat": [True],
     "runtime.unroll": [-1, True, 1.5], "runtime.q_chunk": [0, 2.5, "8", True],
 }

@@ -4,13 +4,20 @@ large parameter of the real presets replicated on a mesh of 8 or more devices (#
 
 from __future__ import annotations
 
+import functools
+import math
+
 import flax.linen as nn
+import jax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
-from v4jax.parallel.plan import REPLICATED_REPORT_BYTES, abstract_mesh, make_plan
+import v4jax.parallel.plan as plan_mod
+from v4jax.parallel.placement import logical_specs
+from v4jax.parallel.plan import REPLICATED_REPORT_BYTES, abstract_mesh
+from v4jax.params import abstract_variables
 from v4jax.sharding import LOGICAL_AXES, RULES, resolve, rules_for, to_mesh_spec
 from v4jax.train.config import train_preset
 
@@ -73,18 +80,27 @@ def test_duplicate_logical_axis_is_an_error():
         resolve(("embed", "embed"), RULES, {})
 
 
+@functools.cache
+def _abstract(preset: str):
+    """(abstract params, their logical specs) of a preset, once per test process."""
+    cfg = train_preset(preset).model
+    return abstract_variables(cfg)["params"], logical_specs(cfg)
+
+
 @pytest.mark.parametrize("preset, mesh", [
     ("flash", {"fsdp": 8}), ("flash", {"expert": 8}), ("flash", {"tensor": 8}),
     ("flash", {"fsdp": 32, "expert": 8}), ("pro", {"fsdp": 4, "expert": 2, "tensor": 2}),
 ])
 def test_no_large_parameter_is_replicated_on_8_or_more_devices(preset, mesh):
-    tc = train_preset(preset, ["batch_size=256"])
-    r = make_plan(tc, mesh)
-    assert r["replicated_params"] == [], [(x["path"], x["shape"]) for x in r["replicated_params"]]
-    # the planner's own check agrees with a direct one: no leaf above 16 MiB at its full size
-    big = [t for t in r["top_param_leaves"] if t["per_device"] > REPLICATED_REPORT_BYTES]
-    for t in big:
-        n = 1
-        for d in t["shape"]:
-            n *= d
-        assert t["per_device"] < 4 * n, t
+    params, logical = _abstract(preset)
+    am = abstract_mesh(mesh)
+    replicated, _ = plan_mod._unsplit_params(params, logical, am)     # what v4jax-plan reports
+    assert replicated == [], [(x["path"], x["shape"]) for x in replicated]
+    # and a direct check: every leaf above 16 MiB is split over at least 2 devices
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    specs = jax.tree.leaves(logical, is_leaf=lambda x: isinstance(x, P))
+    assert len(flat) == len(specs)
+    for (path, leaf), lg in zip(flat, specs, strict=True):
+        if leaf.size * leaf.dtype.itemsize > REPLICATED_REPORT_BYTES:
+            spec = to_mesh_spec(tuple(lg), am, shape=leaf.shape)
+            assert math.prod(plan_mod.dim_shards(spec, leaf.ndim, am.shape)) > 1, (jax.tree_util.keystr(path), spec)

@@ -82,6 +82,11 @@ LOGICAL_AXES = tuple(dict.fromkeys(name for name, _ in RULES))
 STREAM_AXES = ("batch", "act_seq", "act_hc", "act_embed")
 
 
+def mesh_axes_of(entry) -> tuple[str, ...]:
+    """The mesh axes of a rule's or a ``PartitionSpec``'s entry (None, a name, or names) as a tuple."""
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
 def rules_for(mesh: Mesh | None, rules=RULES):
     """``rules`` on ``mesh``: mesh axes it lacks (or has with size 1) removed from each rule, and a
     rule left with none dropped (so a later fallback for the same logical axis can apply); a rule
@@ -92,7 +97,7 @@ def rules_for(mesh: Mesh | None, rules=RULES):
         if axis is None:
             out.append((name, None))
             continue
-        kept = tuple(a for a in ((axis,) if isinstance(axis, str) else axis) if a in present)
+        kept = tuple(a for a in mesh_axes_of(axis) if a in present)
         if kept:
             out.append((name, kept[0] if len(kept) == 1 else kept))
     return tuple(out)
@@ -116,7 +121,7 @@ def resolve(logical, rules, mesh_shape, shape=None) -> PartitionSpec:
         pos = logical.index(name)
         if out[pos] is not unset:
             continue
-        axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        axes = mesh_axes_of(axis)
         if used.intersection(axes):
             continue
         if shape is not None and axes and shape[pos] % math.prod(int(mesh_shape[a]) for a in axes):

@@ -13,16 +13,21 @@ What is exact and what is estimated:
   for the rest, sharded like their parameter by ``v4jax.parallel.mesh.mirror_shardings``),
   buffers (router biases, hash tables: replicated), gradients (one per parameter, in the
   parameter's dtype and sharding), the decode cache (``init_cache``, split over the batch axes
-  when its batch divides, ``cache_shardings``) and the Muon gather bytes. Per device, a leaf
+  when its batch divides, ``cache_shardings``) and distributed Muon's work and bytes. Per device, a leaf
   takes ``itemsize * prod(ceil(dim_i / shards_i))`` where ``shards_i`` is the product of the mesh
   axes its ``PartitionSpec`` puts on dim i; a dim that does not divide is REPORTED (jit and
   ``device_put`` refuse such a sharding), the byte count then uses the padded shard.
-* Muon gather (``orthogonalize_updates`` under a mesh): each Muon leaf keeps the sharding of its
-  leading ``MatrixView.batch`` axes (routed experts stay split over ``expert``, the ``layers``
-  axis of a scanned stack is replicated) and its two matrix axes are gathered, so per device and
-  step ``itemsize * numel / lead_shards * (1 - 1 / matrix_shards)`` bytes arrive (all-gather), and
-  every device runs Newton-Schulz on ``numel / lead_shards`` elements (``ns_tflop``: ``steps *
-  (4 s^2 l + 2 s^3)`` per ``s x l`` matrix, s the short side).
+* Muon, distributed (``orthogonalize_updates`` under a mesh, ``muon_layout``): each leaf's ``K``
+  logical matrices (``s x l``, s the short side) are split over all devices, ``ceil(K / k_shards)``
+  per device (zero-padded), and a leaf with fewer matrices than devices also splits each
+  matrix's long side over ``l_shards`` devices (tensor-parallel NS) until the busiest device's
+  Newton-Schulz FLOPs are within ``muon_balance`` (1.08) of total / devices where the shapes allow. Per device and
+  step: FLOPs ``owned * steps * (4 s^2 l + 2 s^3) / l_shards``; bytes (upper bounds: part may
+  already be local) to the owner ``itemsize * owned * s * l / l_shards``, back into the
+  parameter's sharding ``itemsize * numel / param_shards``, and for a split long side three fp32
+  ``s x s`` collectives per step (Gram reduce-scatter, its all-gather, the polynomial's
+  all-gather); the transient is the largest leaf's owned share in and out in fp32 (the leaves
+  run one after another).
 * ESTIMATED: the activations of one training step (formula below). The compiler's own number is
   ``--aot``: ``jax.jit(train_step).lower(...).compile().memory_analysis()`` for the same state
   and batch shardings, on a TPU topology (``--libtpu``: an unpacked libtpu wheel, used only for
@@ -44,12 +49,15 @@ tensors each layer keeps for its backward, as this code computes them):
   kv ``N c (2 f + a)``; ``wo_a`` output ``N g o_lora a``; compressor (CSA/HCA) ``wkv``/``wgate`` outputs ``2 N w f``; indexer (CSA)
   queries ``2 N n_I d_I a``, weights ``N n_I f``, its compressor ``2 N 2 d_I f``, top-k ids ``N k 4``;
 * ``moe``: norm in/out ``2 N d a``, router logits+scores ``2 N E f``, shared expert ``N I_s (3 f + a)``;
-  routed experts as dispatched here (``v4jax.moe.expert_parallel``, dropless): each device sees
+  routed experts as dispatched here (``v4jax.moe.expert_parallel``; dropless: each device sees
   ``G = S N`` tokens of its expert group (S = ``expert`` shards) and the local dispatch keeps
   ``R`` rows (``ragged``/``tokamax``: ``R = G K``, all pairs sorted; ``blocked``: ``nb * b``
   padded blocks; ``dense``: ``E_loc G``): gathered tokens ``G d a``, sorted rows ``R d a``, the
   SwiGLU residuals (gate, sigmoid, silu, up, gated; fp32) ``5 R I f``, w2's input ``R I a``;
-  output ``N d f``;
+  output ``N d f``. With ``Runtime.ep_capacity = c`` (the all-to-all form, the flash and pro
+  presets' default) the gathered tokens are replaced by the pairs' tokens ``N K d a``, the send and
+  receive buffers ``2 S C d a`` and the returned outputs ``2 S C d f`` (``C = ceil(c N K / S)``), and
+  the local dispatch covers ``S C`` rows instead of ``G K``);
 * the MTP block: a window layer plus ``2 N n d a + 2 N d a``;
 * ``head`` (main and MTP): HC head ``2 N n d f``, norm ``2 N d a``, logits ``N V (a + f)``;
 * ``backward working set``: fp32 stream cotangents ``2 N n d f``, one logits cotangent ``N V f``
@@ -82,13 +90,39 @@ import time
 import v4jax.params as vp
 from v4jax.config import ConfigError
 from v4jax.model.transformer import init_cache
-from v4jax.moe.experts import MIN_GROUP_LOAD, block_rows, group_capacities, tokamax_available
-from v4jax.parallel.mesh import batch_sharding, make_mesh, mesh_context, parse_mesh, replicated
+from v4jax.moe.experts import (
+    MIN_GROUP_LOAD,
+    block_rows,
+    group_capacities,
+    tokamax_available,
+)
+from v4jax.parallel.mesh import (
+    batch_sharding,
+    make_mesh,
+    mesh_context,
+    parse_mesh,
+    replicated,
+)
 from v4jax.parallel.placement import cache_shardings, logical_specs, state_shardings
 from v4jax.params import abstract_variables, count_params
-from v4jax.sharding import BATCH_AXES, MESH_AXES, batch_axes, batch_shards, to_mesh_spec
+from v4jax.sharding import (
+    BATCH_AXES,
+    MESH_AXES,
+    batch_axes,
+    batch_shards,
+    mesh_axes_of,
+    to_mesh_spec,
+)
 from v4jax.train.config import train_preset
-from v4jax.train.optimizer import MUON, make_optimizer, matrix_views, param_labels
+from v4jax.train.optimizer import (
+    MUON,
+    make_optimizer,
+    matrix_views,
+    muon_layout,
+    muon_matrices,
+    ns_flops,
+    param_labels,
+)
 from v4jax.train.step import abstract_state, make_train_step
 from v4jax.train.step import state_shardings as train_state_shardings
 
@@ -180,43 +214,50 @@ def tree_bytes(values, shardings, mesh_shape, problems: list | None = None, pref
 
 
 # ---------------------------------------------------------------------------------------------
-# Muon: bytes gathered for Newton-Schulz
+# Muon: distributed Newton-Schulz (who orthogonalises what, and the bytes it moves)
 # ---------------------------------------------------------------------------------------------
 
 
-def muon_gather(params, logical, mesh, ns_steps: int) -> dict:
-    """Per device and step: bytes all-gathered so that Newton-Schulz sees whole matrices, the
-    largest single leaf's whole-matrix bytes, and the Newton-Schulz TFLOP (see module docstring)."""
+def muon_work(params, logical, mesh, ns_steps: int, balance: float = 1.08) -> dict:
+    """Per device and step, distributed Muon as ``orthogonalize_updates`` runs it under a mesh
+    (``muon_layout``; see the module docstring): Newton-Schulz FLOPs (and their ratio to total /
+    devices), the bytes moved, and the largest leaf's transient working set."""
     import jax
 
     labels = dict(_leaves(param_labels(params)))
     views = matrix_views(params)
     specs = dict(_leaves(logical, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
-    shape = mesh.shape
+    leaves = {path: leaf for path, leaf in _leaves(params) if labels[path] == MUON}
+    shape = {a: int(n) for a, n in mesh.shape.items()}
+    mats = muon_matrices(views, {p: x.shape for p, x in leaves.items()})
+    layout = muon_layout(mats, shape, balance)
+    devices = math.prod(n for n in shape.values() if n > 1) if shape else 1
     rows = []
-    for path, leaf in _leaves(params):
-        if labels[path] != MUON:
-            continue
-        view = views[path]
-        lg = tuple(specs[path])
-        full = dim_shards(to_mesh_spec(lg, mesh, shape=leaf.shape), leaf.ndim, shape)
-        # the constraint orthogonalize_updates puts on [*lead, k, n, m]: lead axes keep theirs
-        lead = dim_shards(to_mesh_spec(lg[:view.batch], mesh, shape=leaf.shape[:view.batch]), view.batch, shape)
-        lead_shards = math.prod(lead)
-        mat_shards = math.prod(full) // lead_shards
+    for path, leaf in leaves.items():
+        K, s, l = mats[path]
+        dk, dl = layout[path].shards(shape)
+        owned = -(-K // dk)                                    # matrices per device (zero-padded)
         item = jax.numpy.dtype(leaf.dtype).itemsize
-        whole = item * leaf.size / lead_shards                # whole matrices one device holds
-        gathered = whole * (1 - 1 / mat_shards)
-        n, m = view.matrix_shape(leaf.shape)
-        s, l = min(n, m), max(n, m)
-        n_mats = math.prod(leaf.shape[:view.batch]) / lead_shards * view.col_blocks
-        flop = n_mats * ns_steps * (4 * s * s * l + 2 * s ** 3)
-        rows.append({"path": path, "shape": list(leaf.shape), "lead_shards": lead_shards,
-                     "matrix_shards": mat_shards, "itemsize": item, "gathered": gathered, "whole": whole, "ns_flop": flop})
-    return {"gathered_per_device": sum(r["gathered"] for r in rows),
-            "whole_per_device": sum(r["whole"] for r in rows),
-            "largest_leaf": max(rows, key=lambda r: r["whole"]) if rows else None,
-            "ns_tflop_per_device": sum(r["ns_flop"] for r in rows) / 1e12,
+        param_shards = math.prod(dim_shards(to_mesh_spec(tuple(specs[path]), mesh, shape=leaf.shape), leaf.ndim, shape))
+        share = owned * s * l / dl                             # elements each device orthogonalises
+        rows.append({"path": path, "shape": list(leaf.shape), "matrices": K, "short": s, "long": l,
+                     "k_axes": list(layout[path].k_axes), "l_axes": list(layout[path].l_axes),
+                     "k_shards": dk, "l_shards": dl, "owned": owned, "itemsize": item,
+                     "to_owner": item * share, "back": item * leaf.size / param_shards,
+                     "ns_collective": owned * ns_steps * 3 * s * s * 4 * (1 - 1 / dl),
+                     "transient": 2 * 4 * share,
+                     "ns_flop": owned * ns_flops(s, l, ns_steps) / dl,
+                     "ns_flop_ideal": K * ns_flops(s, l, ns_steps) / devices})
+    ideal = sum(r["ns_flop_ideal"] for r in rows)
+    per = sum(r["ns_flop"] for r in rows)
+    return {"ns_tflop_per_device": per / 1e12, "ns_tflop_ideal": ideal / 1e12,
+            "ns_balance": per / ideal if ideal else 1.0,
+            "to_owner_per_device": sum(r["to_owner"] for r in rows),
+            "back_per_device": sum(r["back"] for r in rows),
+            "ns_collective_per_device": sum(r["ns_collective"] for r in rows),
+            "moved_per_device": sum(r["to_owner"] + r["back"] + r["ns_collective"] for r in rows),
+            "largest_leaf": max(rows, key=lambda r: r["transient"]) if rows else None,
+            "long_side_split": sum(1 for r in rows if r["l_shards"] > 1),
             "leaves": len(rows), "rows": rows}
 
 
@@ -225,7 +266,8 @@ def muon_gather(params, logical, mesh, ns_steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool = False, ts: int = 1) -> dict:
+def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool = False, ts: int = 1,
+                 capacity: float | None = None) -> dict:
     """The tensors one layer keeps for its backward (bytes per device), by group; ``matmul``: the
     part a ``save_matmuls`` policy keeps (outputs of non-batched projections). ``ts``: ``tensor``
     shards, which split the head, output-group and MLP widths (rules table: heads, o_groups,
@@ -259,7 +301,21 @@ def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool 
     mm += 2 * N * Is * f + N * d * a
     G = N * S                                   # tokens of the expert group a device sees
     E_loc = E // max(S, 1)
-    if moe_impl in ("blocked", "grouped"):
+    if capacity is not None and S > 1:
+        # the all-to-all form (v4jax.moe.expert_parallel.experts_all_to_all): S buffers of
+        # C = ceil(c N K / S) rows out and in (compute dtype), the outputs back (fp32), the pairs'
+        # tokens N K d; the destination's local dispatch over its S C rows
+        SC = S * math.ceil(capacity * N * K / S)
+        if moe_impl in ("blocked", "grouped"):
+            b = block_rows(max(1, N * K), E_loc)
+            R = max(1, (SC + E_loc * (b - 1)) // b) * b
+        elif moe_impl == "dense":
+            R = E_loc * SC
+        else:
+            R = SC
+        t["moe_routed"] = N * K * d * a + 2 * SC * d * a + 2 * SC * d * f + R * d * a + 5 * R * I * f + R * I * a
+        t["moe_routed_rows"] = R
+    elif moe_impl in ("blocked", "grouped"):
         b = block_rows(max(1, G * K // S), E_loc)
         R = max(1, (G * K + E_loc * (b - 1)) // b) * b
         if moe_impl == "grouped" and S == 1 and G * K >= MIN_GROUP_LOAD * E_loc:
@@ -269,9 +325,10 @@ def _layer_terms(cfg, lt: str, N: int, S: int, moe_impl: str, a: int, mtp: bool 
         R = E_loc * G
     else:                                        # ragged / tokamax: every pair sorted
         R = G * K
-    # gathered tokens, sorted rows, SwiGLU residuals (gate, sigmoid, silu, up, gated: fp32), w2's input
-    t["moe_routed"] = (G * d * a if S > 1 else 0) + R * d * a + 5 * R * I * f + R * I * a
-    t["moe_routed_rows"] = R
+    if capacity is None or S == 1:
+        # gathered tokens, sorted rows, SwiGLU residuals (gate, sigmoid, silu, up, gated: fp32), w2's input
+        t["moe_routed"] = (G * d * a if S > 1 else 0) + R * d * a + 5 * R * I * f + R * I * a
+        t["moe_routed_rows"] = R
     if mtp:
         t["mtp_extra"] = 2 * N * n * d * a + 2 * N * d * a
     t["all"] = sum(v for k, v in t.items() if k not in ("moe_routed_rows",))
@@ -312,7 +369,7 @@ def _unsplit_params(params, logical, mesh):
 
 
 def _drop_batch_axes(entry):
-    axes = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    axes = mesh_axes_of(entry)
     kept = tuple(x for x in axes if x not in BATCH_AXES)
     return kept or None
 
@@ -343,7 +400,7 @@ def _fsdp_gather(params, logical, mesh, a: int) -> float:
 
 
 def activation_estimate(cfg, remat: str, moe_impl: str, b_local: int, T: int, expert_shards: int,
-                        params, logical, mesh) -> dict:
+                        params, logical, mesh, capacity: float | None = None) -> dict:
     import jax.numpy as jnp
 
     a = jnp.dtype(cfg.dtype).itemsize
@@ -357,7 +414,7 @@ def activation_estimate(cfg, remat: str, moe_impl: str, b_local: int, T: int, ex
     biggest = 0.0
     rows = 0
     for lt, mtp in layers:
-        t = _layer_terms(cfg, lt, N, expert_shards, moe_impl, a, mtp, ts)
+        t = _layer_terms(cfg, lt, N, expert_shards, moe_impl, a, mtp, ts, capacity)
         rows = max(rows, t["moe_routed_rows"])
         key = "mtp" if mtp else lt
         row = per_type.setdefault(key, {"count": 0, **{k: v for k, v in t.items()}})
@@ -461,11 +518,13 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
     b_local = -(-tc.batch_size // n_batch)
     moe_impl = resolve_moe(tc.runtime, platform)
     S = int(shape.get("expert", 1))
-    act = activation_estimate(cfg, tc.runtime.remat, moe_impl, b_local, tc.seq_len, S, state["params"], logical, mesh)
-    muon = muon_gather(state["params"], logical, mesh, len(tc.optim.muon_ns_coeffs))
-    # Muon transient: the largest leaf's whole matrices in, the orthogonalised update out (fp32 NS carry)
+    act = activation_estimate(cfg, tc.runtime.remat, moe_impl, b_local, tc.seq_len, S, state["params"], logical, mesh,
+                              tc.runtime.ep_capacity)
+    muon = muon_work(state["params"], logical, mesh, len(tc.optim.muon_ns_coeffs), tc.optim.muon_balance)
+    # Muon transient: one leaf at a time (orthogonalize_updates chains them), its owned matrices in
+    # and the orthogonalised update out, fp32 NS carry
     big = muon["largest_leaf"]
-    muon_transient = 0.0 if big is None else 2 * big["whole"] * 4 / big["itemsize"]
+    muon_transient = 0.0 if big is None else big["transient"]
     batch_bytes = 2 * b_local * (tc.seq_len + 1) * 4          # tokens + segment_ids, int32
 
     cache = None
@@ -626,6 +685,12 @@ def _g(b) -> str:
     return f"{b / GIB:,.2f}"
 
 
+def _gu(b) -> str:
+    """``_g`` with its unit."""
+    text = _g(b)
+    return text if text.endswith("MiB") else text + " GiB"
+
+
 def format_report(r: dict) -> str:
     act = r["activations"]
     L = []
@@ -658,13 +723,15 @@ def format_report(r: dict) -> str:
     L.append(f"{'TOTAL (training step)':<44}{_g(r['total_per_device']):>12}   vs HBM {r['hbm_gib']:g} GiB: "
              f"{'fits' if r['fits'] else 'DOES NOT FIT' if not r['problems'] else 'NOT REALISABLE (see problems)'}")
     L.append("")
-    L.append(f"Muon gather per step: {_g(m['gathered_per_device'])} GiB all-gathered per device over "
-             f"{m['leaves']} Muon leaves (whole matrices held: {_g(m['whole_per_device'])} GiB; "
-             f"Newton-Schulz {m['ns_tflop_per_device']:.1f} TFLOP per device)")
+    L.append(f"Muon, distributed: Newton-Schulz {m['ns_tflop_per_device']:.2f} TFLOP per device "
+             f"({m['ns_balance']:.3f} x total / devices); moved per device and step {_gu(m['moved_per_device'])} "
+             f"(to owners {_gu(m['to_owner_per_device'])}, back {_gu(m['back_per_device'])}, tensor-parallel NS "
+             f"{_gu(m['ns_collective_per_device'])}); {m['leaves']} leaves, {m['long_side_split']} split along "
+             f"their long side")
     if m["largest_leaf"]:
         b = m["largest_leaf"]
-        L.append(f"   largest leaf {b['path']} {tuple(b['shape'])}: lead shards {b['lead_shards']}, "
-                 f"matrix shards {b['matrix_shards']}, gathers {_g(b['gathered'])} GiB")
+        L.append(f"   largest leaf {b['path']} {tuple(b['shape'])}: {b['matrices']} matrices {b['short']}x{b['long']}, "
+                 f"{b['owned']} per device over {b['k_axes']}" + (f", long side over {b['l_axes']}" if b["l_axes"] else ""))
     if r.get("top_param_leaves"):
         L.append("largest parameter leaves per device: " + "; ".join(
             f"{t['path']} {t['spec'].replace('PartitionSpec', 'P')} {_g(t['per_device'])}" for t in r["top_param_leaves"][:4]))
@@ -677,8 +744,8 @@ def format_report(r: dict) -> str:
     c = r["cache"]
     if c:
         L.append(f"decode cache ({c['format']} {c['dtype']}, {c['batch']} x {c['len']:,} tokens): "
-                 f"{_g(c['per_device'])} GiB per device ({c['sequences_per_device']:g} sequences/device), "
-                 f"{_g(c['global'])} GiB global" + (f"; {c['note']}" if c["note"] else ""))
+                 f"{_gu(c['per_device'])} per device ({c['sequences_per_device']:g} sequences/device), "
+                 f"{_gu(c['global'])} global" + (f"; {c['note']}" if c["note"] else ""))
     if r["problems"]:
         L.append("")
         L.append(f"PROBLEMS ({len(r['problems'])}): this mesh cannot hold the run as sharded:")

@@ -309,6 +309,9 @@ def _paper(model: str, peak: float) -> TrainConfig:
         optim=OptimizerConfig(peak_lr=peak, final_lr=peak / 10, warmup_steps=2000, decay_start=int(total * 0.9),
                               total_steps=total, muon_ns_dtype="bfloat16"),
         dense_attention_steps=int(total * 0.3), indexer_warmup_steps=1000,
+        # expert parallelism with a capacity (#21): dispatch memory c x the balanced load whatever
+        # the expert shards, pairs beyond it dropped and counted (moe_dropped); null: dropless
+        runtime=Runtime(ep_capacity=1.5),
         log_every=50, eval_every=2000, eval_batches=50, checkpoint_every=1000)
 
 

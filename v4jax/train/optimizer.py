@@ -46,9 +46,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from v4jax.config import ConfigError
-from v4jax.sharding import active_mesh, constrain, to_mesh_spec
+from v4jax.sharding import active_mesh, constrain, mesh_axes_of, to_mesh_spec
 
 MUON, ADAMW = "muon", "adamw"
 
@@ -64,13 +65,19 @@ V4_NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
 
 
 def hybrid_newton_schulz(x: jax.Array, coeffs=V4_NS_COEFFS, eps: float = 1e-7,
-                         matmul_dtype=jnp.float32) -> jax.Array:
+                         matmul_dtype=jnp.float32, shard: Callable[[jax.Array, str], jax.Array] | None = None
+                         ) -> jax.Array:
     """Approximate ``U V^T`` of each matrix ``x[..., n, m]`` (leading axes are batch axes).
 
     ``X0 = X / (||X||_F + eps)`` (short side as rows), then per row ``(a, b, c)`` of ``coeffs``
     (a ``lax.scan``): ``A = X X^T``, ``X <- a X + (b A + c A^2) X``. X is carried in fp32; the matmul
     operands are cast to ``matmul_dtype`` (e.g. ``jnp.bfloat16``) with fp32 accumulation. Returns the
     input dtype.
+
+    ``shard(t, kind)`` (distributed Muon, ``orthogonalize_updates`` under a mesh) places the
+    iterate (``kind="x"``, ``[..., short, long]``) and its Gram matrix (``"gram"``, ``[..., short,
+    short]``) once per iteration; the identity when None. Placement changes where the work runs,
+    not the values.
     """
     table = jnp.asarray(coeffs, jnp.float32)
     if table.ndim != 2 or table.shape[-1] != 3 or table.shape[0] == 0:
@@ -86,11 +93,14 @@ def hybrid_newton_schulz(x: jax.Array, coeffs=V4_NS_COEFFS, eps: float = 1e-7,
     def mm(p, q):
         return jnp.matmul(p.astype(matmul_dtype), q.astype(matmul_dtype), preferred_element_type=jnp.float32)
 
-    def step(y, abc):
-        a = mm(y, jnp.swapaxes(y, -1, -2))
-        return abc[0] * y + mm(abc[1] * a + abc[2] * mm(a, a), y), None
+    place = shard or (lambda t, kind: t)
 
-    y, _ = jax.lax.scan(step, y, table)
+    def step(y, abc):
+        y = place(y, "x")
+        a = place(mm(y, jnp.swapaxes(y, -1, -2)), "gram")
+        return place(abc[0] * y + mm(abc[1] * a + abc[2] * mm(a, a), y), "x"), None
+
+    y, _ = jax.lax.scan(step, place(y, "x"), table)
     if tall:
         y = jnp.swapaxes(y, -1, -2)
     return y.astype(x.dtype)
@@ -154,9 +164,128 @@ def _view_for(views: Views, path: str, leaf) -> MatrixView:
     return view
 
 
+# ---------------------------------------------------------------------------------------------
+# Distributed Muon: which devices orthogonalise which matrices (#21)
+# ---------------------------------------------------------------------------------------------
+
+
+def ns_flops(short: int, long: int, steps: int) -> float:
+    """FLOPs of ``hybrid_newton_schulz`` on one ``short x long`` matrix: per step ``X X^T``
+    (``2 s^2 l``), ``A A`` (``2 s^3``) and ``B X`` (``2 s^2 l``)."""
+    return steps * (4 * short * short * long + 2 * short ** 3)
+
+
+@dataclass(frozen=True)
+class MuonSplit:
+    """Where one leaf's ``K`` logical matrices (each ``short x long``) are orthogonalised on a mesh:
+    the batch of matrices split over ``k_axes`` (each device owns ``ceil(K / k_shards)`` whole
+    matrices, zero-padded), and, for a leaf with fewer matrices than devices, each matrix's long
+    side (and its Gram matrix's rows) split over ``l_axes`` as well (tensor-parallel NS)."""
+
+    k_axes: tuple[str, ...]
+    l_axes: tuple[str, ...] = ()
+
+    def shards(self, mesh_shape: Mapping[str, int]) -> tuple[int, int]:
+        """``(k_shards, l_shards)``."""
+        return (math.prod(int(mesh_shape[a]) for a in self.k_axes),
+                math.prod(int(mesh_shape[a]) for a in self.l_axes))
+
+
+def muon_layout(mats: Mapping[str, tuple[int, int, int]], mesh_shape: Mapping[str, int],
+                slack: float = 1.08) -> dict[str, MuonSplit]:
+    """Distributed Muon's assignment: ``mats`` ``{path: (K, short, long)}`` -> ``{path: MuonSplit}``.
+
+    Every leaf starts with its matrices split over every mesh axis (each device orthogonalises
+    ``ceil(K / devices)`` of them, so each logical matrix is orthogonalised once, not once per
+    replica). A leaf with fewer matrices than devices then leaves devices idle (their padded
+    slots), so while the busiest device's Newton-Schulz FLOPs exceed ``slack x total / devices``
+    the leaf wasting most moves to the smallest ``l_axes`` that lowers its cost (both sides must
+    divide by it): tensor-parallel NS, at the price of three ``short^2`` collectives per step.
+    Deterministic (pure Python on shapes, so the planner reports what the step runs).
+    """
+    axes = tuple(a for a in mesh_shape if int(mesh_shape[a]) > 1)
+    devices = math.prod(int(mesh_shape[a]) for a in axes)
+    f = {p: ns_flops(s, l, 1) for p, (_, s, l) in mats.items()}
+
+    def cost(p, l_axes):
+        dl = math.prod(int(mesh_shape[a]) for a in l_axes)
+        return math.ceil(mats[p][0] / (devices // dl)) * f[p] / dl
+
+    options = {}
+    for p, (_, s, l) in mats.items():
+        subsets = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+        ok = [c for c in subsets if not s % math.prod(int(mesh_shape[a]) for a in c)
+              and not l % math.prod(int(mesh_shape[a]) for a in c)]
+        options[p] = sorted(ok, key=lambda c: (math.prod(int(mesh_shape[a]) for a in c), c))
+    choice = {p: () for p in mats}
+    ideal = sum(k * f[p] for p, (k, _, _) in mats.items()) / max(devices, 1)
+    done: set = set()
+    while sum(cost(p, choice[p]) for p in mats) > slack * ideal:
+        todo = [p for p in mats if p not in done]
+        if not todo:
+            break
+        p = max(todo, key=lambda q: (cost(q, choice[q]) - mats[q][0] * f[q] / devices, q))
+        better = [c for c in options[p] if cost(p, c) < cost(p, choice[p]) * (1 - 1e-9)]
+        if better:
+            choice[p] = better[0]
+        else:
+            done.add(p)
+    return {p: MuonSplit(tuple(a for a in axes if a not in choice[p]), choice[p]) for p in mats}
+
+
+def muon_matrices(views: Mapping[str, MatrixView], shapes: Mapping[str, tuple[int, ...]]
+                  ) -> dict[str, tuple[int, int, int]]:
+    """``{path: (K, short, long)}``: each Muon leaf's number of logical matrices and their sides."""
+    out = {}
+    for p, view in views.items():
+        shape = tuple(shapes[p])
+        n, m = view.matrix_shape(shape)
+        out[p] = (math.prod(shape[:view.batch]) * view.col_blocks, min(n, m), max(n, m))
+    return out
+
+
+def _distributed_ns(u, view: MatrixView, split: MuonSplit, logical, mesh, coeffs, eps, matmul_dtype, rms_scale):
+    """One leaf's update under ``mesh`` (``orthogonalize_updates``): its matrices moved to their
+    owners (``split``), Newton-Schulz there, the result back in the parameter's own sharding."""
+    y = view.to_matrices(u)                                         # [*lead, k, n, m]
+    tall = y.shape[-2] > y.shape[-1]
+    nlead = y.ndim - 2
+    lead_spec = tuple(to_mesh_spec(tuple(logical[:view.batch]), mesh, shape=u.shape[:view.batch])) \
+        if logical is not None else ()
+    lead_spec = lead_spec + (None,) * (nlead - len(lead_spec))
+    # lead dims already split go first, so flattening keeps their blocks where they are and the
+    # move to the owners is an all-to-all over the other axes
+    order = sorted(range(nlead), key=lambda i: (lead_spec[i] is None, i))
+    y = jnp.transpose(y, (*order, nlead, nlead + 1))
+    lead_shape = y.shape[:nlead]
+    K = math.prod(lead_shape)
+    y = y.reshape(K, *y.shape[-2:])
+    if tall:
+        y = jnp.swapaxes(y, -1, -2)                                 # [K, short, long]
+    first = [a for i in order for a in mesh_axes_of(lead_spec[i]) if a in split.k_axes]
+    k_axes = tuple(first) + tuple(a for a in split.k_axes if a not in first)
+    dk, _ = split.shards(mesh.shape)
+    pad = -K % dk
+    if pad:
+        y = jnp.pad(y, ((0, pad), (0, 0), (0, 0)))       # zero matrices stay zero in NS
+    kspec = k_axes or None
+    lspec = split.l_axes or None
+    x_sh = NamedSharding(mesh, PartitionSpec(kspec, None, lspec))
+    g_sh = NamedSharding(mesh, PartitionSpec(kspec, lspec, None))
+    shard = lambda t, kind: jax.lax.with_sharding_constraint(t, x_sh if kind == "x" else g_sh)
+    o = hybrid_newton_schulz(shard(y, "x"), coeffs, eps, matmul_dtype, shard=shard)
+    o = o[:K] * (rms_scale * math.sqrt(o.shape[-1]))                # sqrt(max(n, m)): long side
+    if tall:
+        o = jnp.swapaxes(o, -1, -2)
+    o = o.reshape(*lead_shape, *o.shape[-2:])
+    o = view.from_matrices(jnp.transpose(o, (*[order.index(i) for i in range(nlead)], nlead, nlead + 1)))
+    return o if logical is None else constrain(o, tuple(logical))
+
+
 def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: float = 0.18,
                           eps: float = 1e-7, matmul_dtype=jnp.float32,
-                          bucket: bool = True, axes: Mapping[str, tuple] | None = None) -> optax.GradientTransformation:
+                          bucket: bool = True, axes: Mapping[str, tuple] | None = None,
+                          balance: float = 1.08) -> optax.GradientTransformation:
     """Stateless: each logical matrix ``U [n, m]`` of each leaf -> ``rms_scale sqrt(max(n, m)) HybridNS(U)``
     (so every logical matrix's update has RMS ``rms_scale``). ``views``: ``None`` (the last two axes are
     the matrix, leading axes batch), a ``{path: MatrixView}`` mapping, or ``f(path, leaf) -> MatrixView``.
@@ -164,44 +293,52 @@ def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: f
     ``bucket``: stack the logical matrices of equal (short side, long side, dtype) across leaves and run
     one batched NS loop per bucket, as V4 batches same-shape matrices (on the tiny preset: 10 loops
     instead of 124, e.g. all 7 x 3 x 16 routed experts in one). Each matrix is still orthogonalised on its
-    own (tested equal to ``bucket=False``). The concatenation copies the updates once; with sharded
-    leaves it may also move data, so ``bucket=False`` runs NS leaf by leaf.
+    own (tested equal to ``bucket=False``). The concatenation copies the updates once. One device only:
+    under a mesh the leaves are distributed one by one (below).
 
-    Under a mesh (``v4jax.parallel.mesh_context``) Newton-Schulz needs whole matrices: each leaf is
-    orthogonalised on its own with its matrices gathered (the two matrix axes replicated) while its
-    leading axes keep their sharding (``axes``: ``{path: logical axis names}``): routed experts stay
-    split over ``expert`` and run leaf by leaf; leaves with no split leading axis are gathered whole
-    and bucketed as on one device (every device then runs their NS: the gather's price besides the
-    bytes, which ``v4jax.parallel.plan`` reports).
+    Under a mesh (``v4jax.parallel.mesh_context``) Muon is distributed (#21): each logical matrix
+    is orthogonalised once, on the device that owns it (``muon_layout``: the batch of a leaf's
+    matrices split over all devices, and a leaf with fewer matrices than devices also split along
+    each matrix's long side), its momentum moved there and the update moved back into the
+    parameter's sharding by the compiler from the placements (``axes``: ``{path: logical axis
+    names}``, the parameters' own). ``balance``: ``muon_layout``'s slack (the busiest device's NS
+    FLOPs over total / devices that it accepts before splitting long sides, which costs collectives).
+    Leaf by leaf: a bucket across leaves would mix their blocks.
+    Tested equal to the one-device update on several meshes (tests/test_parallel.py).
     """
     def update_fn(updates, state, params=None):
         del params
         flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
         mesh = active_mesh()
+        paths = [path_str(path) for path, _ in flat]
+        leaf_views = [_view_for(views, p, u) for p, (_, u) in zip(paths, flat, strict=True)]
+        if mesh is not None and mesh.size > 1:
+            layout = muon_layout(muon_matrices(dict(zip(paths, leaf_views, strict=True)),
+                                               {p: u.shape for p, (_, u) in zip(paths, flat, strict=True)}),
+                                 mesh.shape, balance)
+            outs, prev = [], None
+            for p, view, (_, u) in zip(paths, leaf_views, flat, strict=True):
+                if prev is not None:
+                    # one leaf after another: the owners' working set is one leaf's, and every
+                    # device meets the collectives in the same order (XLA:CPU runs independent
+                    # leaves concurrently, in an order of its own per device: a deadlock)
+                    prev, u = jax.lax.optimization_barrier((prev, u))
+                    outs[-1] = prev
+                prev = _distributed_ns(u, view, layout[p], (axes or {}).get(p), mesh, coeffs, eps, matmul_dtype,
+                                       rms_scale)
+                outs.append(prev)
+            return treedef.unflatten([o.astype(u.dtype) for o, (_, u) in zip(outs, flat, strict=True)]), state
         todo = []     # per leaf: (view, matrices [K, short, long], transposed, [*lead, n, m])
         outs = [None] * len(flat)
-        for i, (path, u) in enumerate(flat):
-            p = path_str(path)
-            view = _view_for(views, p, u)
+        for view, (_, u) in zip(leaf_views, flat, strict=True):
             y = view.to_matrices(u)
             tall = y.shape[-2] > y.shape[-1]
             if tall:
                 y = jnp.swapaxes(y, -1, -2)
-            if mesh is not None:
-                lead = tuple(axes[p][:view.batch]) if axes and p in axes else (None,) * view.batch
-                if any(a is not None for a in to_mesh_spec(lead, mesh, shape=y.shape[:view.batch])):
-                    # leading axes stay split (experts on their devices), each matrix gathered
-                    y = constrain(y, lead + (None, None, None))
-                    o = hybrid_newton_schulz(y, coeffs, eps, matmul_dtype) * (rms_scale * math.sqrt(y.shape[-1]))
-                    outs[i] = view.from_matrices(jnp.swapaxes(o, -1, -2) if tall else o)
-                    todo.append(None)
-                    continue
-                y = constrain(y, (None,) * y.ndim)                   # whole leaf gathered, then bucketed
             todo.append((view, y.reshape(-1, *y.shape[-2:]), tall, y.shape))
         groups: dict = {}
         for i, item in enumerate(todo):
-            if item is not None:
-                groups.setdefault((item[1].shape[1:], item[1].dtype) if bucket else i, []).append(i)
+            groups.setdefault((item[1].shape[1:], item[1].dtype) if bucket else i, []).append(i)
         for members in groups.values():
             ys = [todo[i][1] for i in members]
             o = hybrid_newton_schulz(ys[0] if len(ys) == 1 else jnp.concatenate(ys), coeffs, eps, matmul_dtype)
@@ -218,7 +355,7 @@ def orthogonalize_updates(views: Views = None, coeffs=V4_NS_COEFFS, rms_scale: f
 
 def scale_by_v4_muon(momentum: float = 0.95, coeffs=V4_NS_COEFFS, rms_scale: float = 0.18,
                      views: Views = None, eps: float = 1e-7, matmul_dtype=jnp.float32,
-                     mu_dtype=None, bucket: bool = True, axes=None) -> optax.GradientTransformation:
+                     mu_dtype=None, bucket: bool = True, axes=None, balance: float = 1.08) -> optax.GradientTransformation:
     """DeepSeek-V4 Algorithm 1 without weight decay and learning rate (chain those after it):
     ``M <- mu M + G``; ``O = rms_scale sqrt(max(n, m)) HybridNS(mu M + G)`` per logical matrix.
 
@@ -227,7 +364,7 @@ def scale_by_v4_muon(momentum: float = 0.95, coeffs=V4_NS_COEFFS, rms_scale: flo
     ``(TraceState(trace=M), EmptyState())``.
     """
     return optax.chain(optax.trace(momentum, nesterov=True, accumulator_dtype=mu_dtype),
-                       orthogonalize_updates(views, coeffs, rms_scale, eps, matmul_dtype, bucket, axes))
+                       orthogonalize_updates(views, coeffs, rms_scale, eps, matmul_dtype, bucket, axes, balance))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +495,8 @@ class OptimizerConfig:
     muon_ns_coeffs: tuple[tuple[float, float, float], ...] = V4_NS_COEFFS
     muon_ns_dtype: str = "float32"      # NS matmul operands: "float32" or "bfloat16" (fp32 accumulation)
     muon_bucket: bool = True            # one batched NS per matrix shape (see orthogonalize_updates)
+    muon_balance: float = 1.08          # on a mesh: NS FLOPs of the busiest device / (total / devices)
+                                        # accepted before a leaf's long side is split (muon_layout)
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     adam_eps: float = 1e-20
@@ -383,6 +522,7 @@ class OptimizerConfig:
         need(is_num(self.adam_eps) and self.adam_eps >= 0, "adam_eps", "must be >= 0")
         need(self.clip is None or (is_num(self.clip) and self.clip > 0), "clip", "must be None or > 0")
         need(isinstance(self.muon_bucket, bool), "muon_bucket", "must be a bool")
+        need(is_num(self.muon_balance) and self.muon_balance >= 1, "muon_balance", "must be a number >= 1")
         need(self.muon_ns_dtype in ("float32", "bfloat16"), "muon_ns_dtype", "must be 'float32' or 'bfloat16'")
         rows = self.muon_ns_coeffs
         ok = isinstance(rows, (tuple, list)) and len(rows) > 0 and all(
@@ -418,7 +558,8 @@ def make_optimizer(cfg: OptimizerConfig, params, axes=None) -> optax.GradientTra
     schedule = lr_schedule(cfg)
     muon = optax.chain(
         scale_by_v4_muon(cfg.muon_momentum, cfg.muon_ns_coeffs, cfg.muon_rms, views=matrix_views(params),
-                         matmul_dtype=jnp.dtype(cfg.muon_ns_dtype), bucket=cfg.muon_bucket, axes=axes),
+                         matmul_dtype=jnp.dtype(cfg.muon_ns_dtype), bucket=cfg.muon_bucket, axes=axes,
+                         balance=cfg.muon_balance),
         optax.add_decayed_weights(cfg.weight_decay),
         optax.scale_by_learning_rate(schedule),
     )
