@@ -358,10 +358,10 @@ def test_expert_parallel_capacity_counts_the_dropped_pairs(spec):
                                atol=1e-5)
 
 
-def test_padded_and_ragged_exchange_agree_in_their_filled_rows():
+def test_cpu_exchange_delivers_each_chunk_to_its_destination():
     """The CPU form of the exchange against numpy: chunk j of each device arrives at device j as
     chunk i, its first counts rows as sent. (The ragged form cannot run on XLA:CPU; it is
-    compiled for TPU by experiments/pod/ep_exchange_aot.py.)"""
+    compiled for TPU by experiments/pod/ep_muon_aot.py.)"""
     from v4jax.moe.expert_parallel import exchange
 
     mesh = make_mesh("expert=8")

@@ -156,3 +156,21 @@ def test_plan_matches_real_shards_and_compiler():
     assert a["aot"]["argument_size_in_bytes"] == a["state"] + a["batch"]
     assert a["aot"]["alias_size_in_bytes"] == a["state"]                   # the donated state is reused
     assert a["aot"]["temp_size_in_bytes"] > 0 and a["act"] > 0
+    # XLA's cost model and the collectives of the compiled step (fsdp gathers, the expert exchange)
+    assert a["aot"]["cost"]["flops"] > 0 and a["aot"]["cost"]["bytes_accessed"] > 0
+    assert a["aot"]["collectives"]["all-gather"]["count"] > 0 and a["aot"]["collectives"]["all-gather"]["bytes"] > 0
+
+
+def test_hlo_collectives_counts_kinds_and_result_bytes():
+    from v4jax.parallel.plan import hlo_collectives
+
+    hlo = """
+  %ag = bf16[4,256]{1,0} all-gather(bf16[1,256]{1,0} %p), replica_groups={{0,1,2,3}}, dimensions={0}
+  %ar-start = (f32[8]{0}, f32[8]{0}) all-reduce-start(f32[8]{0} %x), to_apply=%add
+  %ar-done = f32[8]{0} all-reduce-done((f32[8]{0}, f32[8]{0}) %ar-start)
+  %a2a = s32[4,1,1]{2,1,0} all-to-all(s32[4,1,1]{2,1,0} %c), dimensions={0}
+  %r = f32[16,2]{1,0} ragged-all-to-all(f32[16,2]{1,0} %b, f32[16,2]{1,0} %o, s32[4]{0} %i), replica_groups={}
+"""
+    got = hlo_collectives(hlo)
+    assert got == {"all-gather": {"count": 1, "bytes": 4 * 256 * 2}, "all-reduce": {"count": 1, "bytes": 8 * 4},
+                   "all-to-all": {"count": 1, "bytes": 4 * 4}, "ragged-all-to-all": {"count": 1, "bytes": 16 * 2 * 4}}

@@ -15,20 +15,9 @@ values are checked against one device by tests/test_parallel.py, on CPU).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import re
 import sys
 import time
-
-
-def collectives(hlo: str) -> dict[str, int]:
-    """Collective ops by kind in an HLO text (async pairs counted once, by their start)."""
-    kinds = collections.Counter()
-    for m in re.finditer(r" (ragged-all-to-all|all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)"
-                         r"(?:-start)?\(", hlo):
-        kinds[m.group(1)] += 1
-    return dict(sorted(kinds.items()))
 
 
 def _fill(aval, n_experts: int, seed: int):
@@ -58,7 +47,7 @@ def main(argv=None) -> int:
         ap.error("give --libtpu DIR (TPU AOT) or --local")
 
     from v4jax.parallel.mesh import parse_mesh
-    from v4jax.parallel.plan import topology_mesh
+    from v4jax.parallel.plan import hlo_collectives, topology_mesh
 
     axes = parse_mesh(args.mesh)
     if args.local:
@@ -117,7 +106,7 @@ def main(argv=None) -> int:
         cost = c.cost_analysis() or {}
         cost = cost[0] if isinstance(cost, list) else cost
         mem = c.memory_analysis()
-        row = {"compile_s": round(time.time() - t0, 1), "collectives": collectives(c.as_text()),
+        row = {"compile_s": round(time.time() - t0, 1), "collectives": hlo_collectives(c.as_text()),
                "flops": cost.get("flops"), "bytes accessed": cost.get("bytes accessed"),
                "optimal_seconds": cost.get("optimal_seconds"),
                "temp_bytes": getattr(mem, "temp_size_in_bytes", None),

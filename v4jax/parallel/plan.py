@@ -84,6 +84,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -576,6 +577,26 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
 # ---------------------------------------------------------------------------------------------
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COLLECTIVE = re.compile(r"= (.*?) (ragged-all-to-all|all-to-all|all-gather|all-reduce|reduce-scatter|"
+                         r"collective-permute)(-start)?\(")
+
+
+def hlo_collectives(hlo: str) -> dict[str, dict]:
+    """The collectives of a compiled HLO text by kind: ``{kind: {"count", "bytes"}}``; ``bytes``
+    sums the op's result shapes (an async ``-start`` op's tuple holds its operand and its result:
+    counted half). A loop body's collectives are counted once, however many times it runs."""
+    out: dict[str, dict] = {}
+    for m in _COLLECTIVE.finditer(hlo):
+        shapes = re.findall(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]", m.group(1))
+        size = sum(_DTYPE_BYTES.get(t, 4) * math.prod(int(x) for x in dims.split(",") if x) for t, dims in shapes)
+        row = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+        row["count"] += 1
+        row["bytes"] += size // 2 if m.group(3) else size
+    return dict(sorted(out.items()))
+
+
 def compile_memory(tc, mesh, tx=None, compiler_options: dict | None = None) -> dict:
     """``memory_analysis()`` of the jitted train step (state in ``state_shardings``, batch split
     over the batch axes, state donated) on ``mesh`` (real or compile-only devices)."""
@@ -608,6 +629,13 @@ def compile_memory(tc, mesh, tx=None, compiler_options: dict | None = None) -> d
                                   - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0))
     out.update(platform=mesh.devices.flat[0].platform, device_kind=mesh.devices.flat[0].device_kind,
                devices=int(mesh.size), lower_seconds=round(t1 - t0, 1), compile_seconds=round(t2 - t1, 1))
+    # XLA's own cost model, per device. It counts a while loop's body once (measured on the
+    # Newton-Schulz scan: 10 steps counted as 1), so a scanned layer stack is under-counted.
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    out["cost"] = {k.replace(" ", "_"): float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds")
+                   if k in cost}
+    out["collectives"] = hlo_collectives(compiled.as_text())
     return out
 
 
@@ -617,7 +645,6 @@ def aot_memory(tc, mesh, no_crash_on_oom: bool = False) -> dict:
     ``oom``; with ``no_crash_on_oom`` the step is compiled again with libtpu's
     ``xla_tpu_no_crash_on_oom`` so that the whole memory analysis comes back (slow: on flash
     with remat none it did not finish in 20 minutes on 2 CPU cores)."""
-    import re
 
     t = time.time()
     try:
@@ -772,6 +799,13 @@ def format_report(r: dict) -> str:
                       "peak_estimate_bytes"):
                 if k in aot:
                     L.append(f"   {k:<28}{_g(aot[k]):>10} GiB")
+            cost = aot.get("cost") or {}
+            if cost:
+                L.append("   XLA cost model (a loop body counted once): " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in cost.items()))
+            if aot.get("collectives"):
+                L.append("   collectives in the HLO: " + "; ".join(
+                    f"{k} {v['count']} ({_gu(v['bytes'])})" for k, v in aot["collectives"].items()))
     return "\n".join(L)
 
 
