@@ -69,7 +69,6 @@ def experts_expert_parallel(x, idx, weights, w1, w2, w3, limit, dtype, impl: str
     if capacity is not None and split:
         return experts_all_to_all(x, idx, weights, w1, w2, w3, limit, dtype, impl, mesh, capacity)
     n_group = (N // batch_shards(mesh) * S) if split else N          # tokens a device sees
-    cap = None                       # the replicated form (decode) is dropless
     b = block_rows(max(1, n_group * K // S), E_loc)                 # rows per block: the balanced load
 
     def body(x, idx, wts, w1, w2, w3):
@@ -78,17 +77,8 @@ def experts_expert_parallel(x, idx, weights, w1, w2, w3, limit, dtype, impl: str
             x, idx, wts = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, idx, wts))
         local = (idx // E_loc) == s
         lidx = jnp.where(local, idx - s * E_loc, E_loc)
-        lw = jnp.where(local, wts, 0.0)
-        if impl in ("blocked", "grouped"):      # grouped has no partial ids: its fallback, blocked, runs here
-            y, placed = experts_blocked(x, lidx, lw, w1, w2, w3, limit, dtype, block=b, capacity=cap,
-                                        partial=True, count=True)
-        elif impl == "dense":
-            y = experts_dense(x, jnp.minimum(lidx, E_loc - 1), lw, w1.astype(dtype), w2.astype(dtype),
-                              w3.astype(dtype), limit)
-            placed = jnp.sum(local.astype(jnp.int32))
-        else:
-            y = experts_ragged(x, lidx, lw, w1, w2, w3, limit, dtype, impl, partial=True)
-            placed = jnp.sum(local.astype(jnp.int32))
+        y = _local_experts(x, lidx, jnp.where(local, wts, 0.0), w1, w2, w3, limit, dtype, impl, b)
+        placed = jnp.sum(local.astype(jnp.int32))                    # dropless: every local pair
         if t is not None:
             y = jax.lax.psum(y, t)
         if split:

@@ -247,7 +247,7 @@ def muon_work(params, logical, mesh, ns_steps: int, balance: float = 1.08) -> di
                      "to_owner": item * share, "back": item * leaf.size / param_shards,
                      "ns_collective": owned * ns_steps * 3 * s * s * 4 * (1 - 1 / dl),
                      "transient": 2 * 4 * share,
-                     "ns_flop": owned * ns_flops(s, l, ns_steps) / dl,
+                     "ns_flop": layout[path].flops_per_device(mats[path], shape, ns_steps),
                      "ns_flop_ideal": K * ns_flops(s, l, ns_steps) / devices})
     ideal = sum(r["ns_flop_ideal"] for r in rows)
     per = sum(r["ns_flop"] for r in rows)

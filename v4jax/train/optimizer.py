@@ -190,6 +190,12 @@ class MuonSplit:
         return (math.prod(int(mesh_shape[a]) for a in self.k_axes),
                 math.prod(int(mesh_shape[a]) for a in self.l_axes))
 
+    def flops_per_device(self, mat: tuple[int, int, int], mesh_shape: Mapping[str, int], steps: int = 1) -> float:
+        """Newton-Schulz FLOPs each device runs for ``mat = (K, short, long)``: its
+        ``ceil(K / k_shards)`` matrices (padded slots included), each ``1 / l_shards`` of one."""
+        dk, dl = self.shards(mesh_shape)
+        return -(-mat[0] // dk) * ns_flops(mat[1], mat[2], steps) / dl
+
 
 def muon_layout(mats: Mapping[str, tuple[int, int, int]], mesh_shape: Mapping[str, int],
                 slack: float = 1.08) -> dict[str, MuonSplit]:
@@ -208,8 +214,7 @@ def muon_layout(mats: Mapping[str, tuple[int, int, int]], mesh_shape: Mapping[st
     f = {p: ns_flops(s, l, 1) for p, (_, s, l) in mats.items()}
 
     def cost(p, l_axes):
-        dl = math.prod(int(mesh_shape[a]) for a in l_axes)
-        return math.ceil(mats[p][0] / (devices // dl)) * f[p] / dl
+        return MuonSplit(tuple(a for a in axes if a not in l_axes), l_axes).flops_per_device(mats[p], mesh_shape)
 
     options = {}
     for p, (_, s, l) in mats.items():
