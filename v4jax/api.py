@@ -255,18 +255,23 @@ class V4Model:
         """Layer ``i``'s parameters (sliced from its stack)."""
         return layer_tree(self.cfg, self.params, i)
 
-    def save(self, path: str | os.PathLike, dtype: str = "float32", shard_bytes: int | None = None) -> None:
-        """Write an official-naming checkpoint directory (config.json + safetensors)."""
-        save_official(self.variables, self.cfg, path, dtype=dtype, shard_bytes=shard_bytes)
+    def save(self, path: str | os.PathLike, dtype: str = "float32", shard_bytes: int | None = None,
+             quantize: str | None = None) -> None:
+        """Write an official-naming checkpoint directory (config.json + safetensors).
+        ``quantize="official"``: FP8 / FP4 weights as released (``v4jax.weights.save_official``)."""
+        save_official(self.variables, self.cfg, path, dtype=dtype, shard_bytes=shard_bytes, quantize=quantize)
 
     def __repr__(self) -> str:
         return f"V4Model({self.cfg.name}: {self.cfg.n_layers} layers, d={self.cfg.dim}, vocab={self.cfg.vocab_size})"
 
 
-def load_hf(path: str | os.PathLike, **overrides) -> V4Model:
+def load_hf(path: str | os.PathLike, weights: str = "dequantized", **overrides) -> V4Model:
     """Load a DeepSeek-V4 checkpoint directory (``config.json`` + ``*.safetensors``, single file or
     sharded with an index) in the official or the ``transformers`` naming. FP8/FP4 weights are
-    dequantized on load, tensor by tensor. ``overrides`` are ``V4Config`` fields (e.g.
+    dequantized on load, tensor by tensor; ``weights="native"`` keeps them as stored (FP8 codes
+    with their 128x128 block scales, FP4 packed two per byte with 1x32 scales, the rest in its
+    stored dtype), dequantized inside the compiled forward, layer by layer: the resident bytes
+    are the checkpoint's (``v4jax.weights.load_variables``). ``overrides`` are ``V4Config`` fields (e.g.
     ``dtype="bfloat16"``) or ``Runtime`` options (``attention="xla"|"reference"|"pallas"``,
     ``moe="auto"|"blocked"|"ragged"|"tokamax"|"dense"``, ``remat=...``; the old names ``attention_impl`` / ``moe_impl`` work)."""
     path = os.fspath(path)
@@ -275,7 +280,7 @@ def load_hf(path: str | os.PathLike, **overrides) -> V4Model:
         raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
     cfg_kw, rt_kw = split_runtime_kwargs(overrides)
     cfg = V4Config.from_json(cfg_path, **cfg_kw)
-    variables, cfg = load_variables(path, cfg)
+    variables, cfg = load_variables(path, cfg, weights=weights)
     return V4Model(cfg, variables, Runtime.from_dict(rt_kw))
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 LayerType = Literal["window", "csa", "hca"]
 LAYER_TYPES = ("window", "csa", "hca")
+QAT_MODES = ("none", "fp4_experts", "fp4_experts+fp8")   # V4Config.qat; their formats: v4jax.layers.quantized
 
 # transformers' names for the layer types, and back.
 _HF_LAYER = {
@@ -87,6 +88,7 @@ class IndexerSpec:
     head_dim: int
     topk: int
     compressor: CompressorSpec
+    qat: str = "none"   # V4Config.qat: its wq_b is an FP8 weight
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class AttentionSpec:
     rope: RopeSpec
     compressor: CompressorSpec | None
     indexer: IndexerSpec | None
+    qat: str = "none"   # V4Config.qat (v4jax.layers.quantized.QAT_MODES)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class MoESpec:
     score_func: str
     hash_routed: bool
     vocab_size: int
+    qat: str = "none"   # V4Config.qat (v4jax.layers.quantized.QAT_MODES)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,10 @@ class V4Config:
     # numerics (which kernels compute the model is a runtime option: ``v4jax.runtime.Runtime``)
     dtype: str = "float32"  # activation / compute dtype: float32 or bfloat16
     param_dtype: str = "float32"
+    # quantisation-aware training (spec 8, report 3.4): "none", "fp4_experts" (routed experts
+    # rounded to FP4 e2m1 with 1x32 e8m0 scales in the forward, straight-through gradient) or
+    # "fp4_experts+fp8" (also the FP8 128x128-block linears); v4jax.layers.quantized.QAT_MODES
+    qat: str = "none"
     name: str = "custom"
 
     # -- validation ---------------------------------------------------------------------------
@@ -249,6 +257,7 @@ class V4Config:
         need(self.hc_mult >= 1, "hc_mult", "must be >= 1")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16")
         need(self.param_dtype in ("float32", "bfloat16"), "param_dtype", "must be float32 or bfloat16")
+        need(self.qat in QAT_MODES, "qat", f"must be one of {QAT_MODES}")
         need(self.rope_factor >= 1.0, "rope_factor", "must be >= 1")
         for f in ("rope_theta", "compress_rope_theta"):
             need(getattr(self, f) > 1.0, f, "must be > 1")
@@ -297,20 +306,21 @@ class V4Config:
             return None
         return IndexerSpec(dim=self.dim, q_lora_rank=self.q_lora_rank, n_heads=self.index_n_heads,
                            head_dim=self.index_head_dim, topk=self.index_topk,
-                           compressor=self.compressor("csa", self.index_head_dim))
+                           compressor=self.compressor("csa", self.index_head_dim), qat=self.qat)
 
     def attention(self, layer_type: str) -> AttentionSpec:
         return AttentionSpec(
             layer_type=layer_type, dim=self.dim, n_heads=self.n_heads, head_dim=self.head_dim,
             q_lora_rank=self.q_lora_rank, o_groups=self.o_groups, o_lora_rank=self.o_lora_rank,
             window=self.window_size, norm_eps=self.norm_eps, rope=self.rope(layer_type),
-            compressor=self.compressor(layer_type), indexer=self.indexer(layer_type))
+            compressor=self.compressor(layer_type), indexer=self.indexer(layer_type), qat=self.qat)
 
     def moe(self, hash_routed: bool) -> MoESpec:
         return MoESpec(dim=self.dim, n_experts=self.n_routed_experts, n_shared=self.n_shared_experts,
                        topk=self.n_activated_experts, inter_dim=self.moe_inter_dim,
                        route_scale=float(self.route_scale), swiglu_limit=float(self.swiglu_limit),
-                       score_func=self.score_func, hash_routed=hash_routed, vocab_size=self.vocab_size)
+                       score_func=self.score_func, hash_routed=hash_routed, vocab_size=self.vocab_size,
+                       qat=self.qat)
 
     def hc(self) -> HCSpec:
         return HCSpec(dim=self.dim, n_streams=self.hc_mult, sinkhorn_iters=self.hc_sinkhorn_iters,

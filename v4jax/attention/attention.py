@@ -23,12 +23,17 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.attention import backend, kv_format
-from v4jax.attention.compressor import Compressor, init_compressor_state, visible_entries
+from v4jax.attention.compressor import (
+    Compressor,
+    init_compressor_state,
+    visible_entries,
+)
 from v4jax.attention.context import IndexerStats, SeqContext
 from v4jax.attention.indexer import Indexer
 from v4jax.config import AttentionSpec
-from v4jax.layers.linear import Linear, param_with_axes
+from v4jax.layers.linear import Linear, param_with_axes, weight_param
 from v4jax.layers.norms import RMSNorm, rms_normalize
+from v4jax.layers.quantized import dequantize, qat_format
 from v4jax.layers.rope import apply_rope
 from v4jax.runtime import Runtime
 from v4jax.sharding import constrain
@@ -46,15 +51,17 @@ class Attention(nn.Module):
     def setup(self):
         s = self.spec
         H, c, g = s.n_heads, s.head_dim, s.o_groups
-        lin = lambda f, axes: Linear(f, axes, self.dtype, self.param_dtype)
+        fq = qat_format(s.qat, "fp8")     # the projections are FP8 linears in the checkpoint (spec 8)
+        lin = lambda f, axes: Linear(f, axes, self.dtype, self.param_dtype, fake_quant=fq)
         self.wq_a = lin(s.q_lora_rank, ("embed", "q_lora"))
         self.q_norm = RMSNorm(s.q_lora_rank, s.norm_eps)
         self.wq_b = lin(H * c, ("q_lora", "heads"))
         self.wkv = lin(c, ("embed", "kv"))
         self.kv_norm = RMSNorm(c, s.norm_eps)
         self.attn_sink = param_with_axes(self, "attn_sink", nn.initializers.zeros, (H,), ("heads_only",))
-        self.wo_a = param_with_axes(self, "wo_a", nn.initializers.normal(0.02), (g, H * c // g, s.o_lora_rank),
-                                    ("o_groups", "heads", "o_lora"), self.param_dtype)
+        self.wo_a = weight_param(self, "wo_a", nn.initializers.normal(0.02), (g, H * c // g, s.o_lora_rank),
+                                 ("o_groups", "heads", "o_lora"), self.param_dtype, fake_quant=fq,
+                                 layout="wo_a", groups=g)
         self.wo_b = lin(s.dim, ("o_lora", "embed"))
         if s.compressor is not None:
             self.compressor = Compressor(s.compressor, s.rope, self.param_dtype)
@@ -79,7 +86,7 @@ class Attention(nn.Module):
         o = apply_rope(o, pos, s.rope, inverse=True).astype(self.dtype)
         g = s.o_groups
         o = o.reshape(B, T, g, s.n_heads * s.head_dim // g)
-        u = jnp.einsum("btgi,gio->btgo", o, self.wo_a.astype(self.dtype)).astype(self.dtype)
+        u = jnp.einsum("btgi,gio->btgo", o, dequantize(self.wo_a, self.dtype)).astype(self.dtype)
         # pinned to the batch split (d whole, as the residual add wants it): left to propagation,
         # XLA's SPMD partitioner can permute this output's batch blocks and not undo it when the
         # groups and wo_b's rows are on "tensor" (experiments/repro/spmd_batch_permute.py)

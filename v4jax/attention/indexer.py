@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from v4jax.attention.compressor import Compressor
 from v4jax.config import IndexerSpec, RopeSpec
 from v4jax.layers.linear import Linear
+from v4jax.layers.quantized import qat_format
 from v4jax.layers.rope import apply_rope
 
 
@@ -56,7 +57,8 @@ class Indexer(nn.Module):
 
     def setup(self):
         s = self.spec
-        self.wq_b = Linear(s.n_heads * s.head_dim, ("q_lora", "index_heads"), self.dtype, self.param_dtype)
+        self.wq_b = Linear(s.n_heads * s.head_dim, ("q_lora", "index_heads"), self.dtype, self.param_dtype,
+                           fake_quant=qat_format(s.qat, "fp8"))
         self.weights_proj = Linear(s.n_heads, ("embed", "index_heads"), jnp.float32, self.param_dtype)
         self.compressor = Compressor(s.compressor, self.rope, self.param_dtype)
 

@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-stop", action="store_true", help="do not stop at the eos token")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--weights", default="dequantized", choices=["dequantized", "native"],
+                    help="native: keep FP8 / FP4 weights as stored (the checkpoint's bytes in memory), "
+                         "dequantized inside the compiled step")
     ap.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                     help="shard the model over a device mesh, e.g. tensor=4,expert=2 (sizes multiply to the device count)")
     ap.add_argument("--speculative", default=None, choices=["mtp"],
@@ -57,9 +60,11 @@ def main(argv=None) -> int:
     if not os.path.isdir(a.checkpoint):
         ap.error(f"no checkpoint directory {a.checkpoint!r}")
     if is_workdir(a.checkpoint):
+        if a.weights == "native":
+            ap.error("--weights native reads a safetensors checkpoint (FP8 / FP4); a training workdir holds fp32 weights")
         model = load_workdir(a.checkpoint, dtype=a.dtype)
     else:
-        model = v4jax.load_hf(a.checkpoint, dtype=a.dtype)
+        model = v4jax.load_hf(a.checkpoint, weights=a.weights, dtype=a.dtype)
     if a.mesh is not None:
         from v4jax.config import ConfigError
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from v4jax.attention.context import SeqContext
 from v4jax.hyper_connection import HCHead
 from v4jax.layers.linear import Linear
+from v4jax.layers.quantized import qat_format
 from v4jax.layers.norms import RMSNorm
 from v4jax.model.block import Block
 
@@ -25,8 +26,9 @@ class MTPBlock(Block):
         super().setup()
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.e_proj = Linear(cfg.dim, ("embed", "embed_out"), dt, pdt)
-        self.h_proj = Linear(cfg.dim, ("embed", "embed_out"), dt, pdt)
+        fq = qat_format(cfg.qat, "fp8")
+        self.e_proj = Linear(cfg.dim, ("embed", "embed_out"), dt, pdt, fake_quant=fq)
+        self.h_proj = Linear(cfg.dim, ("embed", "embed_out"), dt, pdt, fake_quant=fq)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from v4jax.layers.linear import silu
+from v4jax.layers.quantized import dequantize
+from v4jax.layers.quantized import take as qtake
 
 MAX_BLOCK = 128
 
@@ -142,7 +144,7 @@ def experts_blocked(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, block
     ``capacity`` may cap the pairs placed (``block_layout``). ``count``: also return the number of
     pairs placed in a block (computed)."""
     N, K = idx.shape
-    E, d = w1.shape[0], x.shape[-1]
+    E, d = w1.shape[0], x.shape[-1]     # w1 [E, d, I] (an array or a QuantizedWeight)
     b = block or block_rows(N * K if capacity is None else int(capacity), E)
     slot_pair, valid, be, pair_slot, pair_ok = block_layout(idx, E, b, capacity)
     nb = be.shape[0]
@@ -151,7 +153,8 @@ def experts_blocked(x, idx, weights, w1, w2, w3, limit, dtype=jnp.float32, block
     wv = jnp.where(valid, take(weights.reshape(-1), slot_pair), 0.0).astype(jnp.float32)
 
     def mm(a, w):   # [nb, b, in] x (each block's expert matrix [in, out]) -> fp32 [nb, b, out]
-        return jnp.einsum("jbi,jio->jbo", a, take(w, be).astype(dtype), preferred_element_type=jnp.float32)
+        # a native (quantized) weight: only the gathered experts' codes are dequantized
+        return jnp.einsum("jbi,jio->jbo", a, dequantize(qtake(w, be), dtype), preferred_element_type=jnp.float32)
 
     h = swiglu(mm(xs, w1), mm(xs, w3), limit) * wv.reshape(nb, b, 1)
     ys = mm(h.astype(dtype), w2).reshape(nb * b, d)

@@ -11,12 +11,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from v4jax.config import MoESpec
-from v4jax.sharding import active_mesh
-from v4jax.layers.linear import Linear, default_init, param_with_axes
-from v4jax.moe.experts import (experts_blocked, experts_dense, experts_grouped, experts_ragged, resolve_impl,
-                               swiglu)
+from v4jax.layers.linear import Linear, default_init, param_with_axes, weight_param
+from v4jax.layers.quantized import dequantize, is_quantized, qat_format
 from v4jax.moe.expert_parallel import expert_shards, experts_expert_parallel
-from v4jax.moe.router import affinity, gate_weights, hash_route, sequence_balance_stats, topk_route
+from v4jax.moe.experts import (
+    MIN_GROUP_LOAD,
+    experts_blocked,
+    experts_dense,
+    experts_grouped,
+    experts_ragged,
+    resolve_impl,
+    swiglu,
+)
+from v4jax.moe.router import (
+    affinity,
+    gate_weights,
+    hash_route,
+    sequence_balance_stats,
+    topk_route,
+)
+from v4jax.sharding import active_mesh
 
 
 def default_tid2eid(vocab_size: int, n_experts: int, k: int, seed: int = 0) -> np.ndarray:
@@ -58,7 +72,8 @@ class SharedExpert(nn.Module):
     def __call__(self, x):
         s = self.spec
         inter = s.inter_dim * s.n_shared
-        lin = lambda f, axes, name: Linear(f, axes, self.dtype, self.param_dtype, name=name)
+        fq = qat_format(s.qat, "fp8")     # the shared expert is FP8 in the checkpoint (spec 8)
+        lin = lambda f, axes, name: Linear(f, axes, self.dtype, self.param_dtype, name=name, fake_quant=fq)
         h = swiglu(lin(inter, ("embed", "mlp"), "w1")(x).astype(jnp.float32),
                    lin(inter, ("embed", "mlp"), "w3")(x).astype(jnp.float32), s.swiglu_limit)
         return lin(s.dim, ("mlp", "embed"), "w2")(h.astype(self.dtype))
@@ -82,11 +97,21 @@ class Experts(nn.Module):
     def __call__(self, x, idx, weights):
         s = self.spec
         E, I, d = s.n_experts, s.inter_dim, s.dim
-        w1 = param_with_axes(self, "w1", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
-        w3 = param_with_axes(self, "w3", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype)
-        w2 = param_with_axes(self, "w2", default_init, (E, I, d), ("experts", "mlp", "embed"), self.param_dtype)
+        fq = qat_format(s.qat, "fp4")     # routed experts: FP4 in the checkpoint (spec 8)
+        w1 = weight_param(self, "w1", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype, fake_quant=fq)
+        w3 = weight_param(self, "w3", default_init, (E, d, I), ("experts", "embed", "mlp"), self.param_dtype, fake_quant=fq)
+        w2 = weight_param(self, "w2", default_init, (E, I, d), ("experts", "mlp", "embed"), self.param_dtype, fake_quant=fq)
         impl = resolve_impl(self.impl)
         mesh = active_mesh()
+        if any(map(is_quantized, (w1, w2, w3))):
+            # native weights: the blocked dispatch at decode sizes gathers the selected experts'
+            # codes and scales and dequantizes only those; every other path dequantizes the
+            # layer's experts inside the program (one layer at a time in the scanned stack)
+            small = idx.size < MIN_GROUP_LOAD * E
+            if expert_shards(mesh) <= 1 and (impl == "blocked" or (impl == "grouped" and small)):
+                y = experts_blocked(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype)
+                return y, jnp.asarray(idx.size, jnp.int32)
+            w1, w2, w3 = (dequantize(w, self.param_dtype) for w in (w1, w2, w3))
         if expert_shards(mesh) > 1:
             return experts_expert_parallel(x, idx, weights, w1, w2, w3, s.swiglu_limit, self.dtype, impl, mesh,
                                            self.ep_capacity)

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from v4jax.config import V4Config
+from v4jax.layers.quantized import QuantizedWeight, is_quantized
 from v4jax.parallel.mesh import replicated
 from v4jax.params import abstract_variables
 from v4jax.sharding import RULES, batch_axes, batch_shards, to_mesh_spec
@@ -37,9 +38,31 @@ def mesh_shardings(cfg: V4Config, mesh: Mesh, rules=RULES):
     return jax.tree.map(to_mesh, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def quantized_sharding(q: QuantizedWeight, sharding: NamedSharding) -> QuantizedWeight:
+    """The shardings of a native weight's codes and scales, from the sharding of the dense leaf it
+    stands for (v4jax's layout): the checkpoint layout's axes in their order (``"t"``: the last
+    two swapped; ``"wo_a"``: ``[g, in, d_g]`` -> ``[g*d_g, in]`` split like ``g``), and a scale
+    axis split only where its number of blocks divides the shards (a scale shards with its
+    blocks; scales are 1/1024 of FP8 codes, 1/16 of FP4's, so replicating an odd one costs little)."""
+    spec = tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec))
+    if q.layout == "t":
+        cspec = spec[:-2] + (spec[-1], spec[-2])
+    else:   # wo_a: [..., g, in, dg] -> [..., g*dg, in]
+        cspec = spec[:-3] + (spec[-3] if spec[-1] is None else None, spec[-2])
+    size = lambda entry: int(np.prod([sharding.mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+    sspec = tuple(e if e is None or n % size(e) == 0 else None for e, n in zip(cspec, q.scale.shape))
+    named = lambda sp: NamedSharding(sharding.mesh, P(*sp))
+    return q.replace(codes=named(cspec), scale=named(sspec))
+
+
 def variables_shardings(cfg, mesh: Mesh, variables_like) -> dict:
-    """Shardings for ``{"params", "buffers"}``: parameters by the rules table, buffers replicated."""
-    out = {"params": mesh_shardings(cfg, mesh)}
+    """Shardings for ``{"params", "buffers"}``: parameters by the rules table, buffers replicated.
+    Native (quantized) weights among ``variables_like["params"]`` get ``quantized_sharding``."""
+    params = mesh_shardings(cfg, mesh)
+    if "params" in variables_like:
+        params = jax.tree.map(lambda v, sh: quantized_sharding(v, sh) if is_quantized(v) else sh,
+                              variables_like["params"], params, is_leaf=is_quantized)
+    out = {"params": params}
     if "buffers" in variables_like:
         out["buffers"] = jax.tree.map(lambda _: replicated(mesh), variables_like["buffers"])
     return out

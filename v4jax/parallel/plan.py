@@ -81,15 +81,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
 import re
 import sys
 import time
+from typing import NamedTuple
+
+from jax.sharding import PartitionSpec
 
 import v4jax.params as vp
 from v4jax.config import ConfigError
+from v4jax.layers.quantized import FP4_BLOCK, FP8_BLOCK, QuantizedWeight, weight_format
 from v4jax.model.transformer import init_cache
 from v4jax.moe.experts import (
     MIN_GROUP_LOAD,
@@ -104,7 +109,7 @@ from v4jax.parallel.mesh import (
     parse_mesh,
     replicated,
 )
-from v4jax.parallel.placement import cache_shardings, logical_specs, state_shardings
+from v4jax.parallel.placement import cache_shardings, logical_specs, quantized_sharding, state_shardings
 from v4jax.params import abstract_variables, count_params
 from v4jax.sharding import (
     BATCH_AXES,
@@ -528,19 +533,7 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
     muon_transient = 0.0 if big is None else big["transient"]
     batch_bytes = 2 * b_local * (tc.seq_len + 1) * 4          # tokens + segment_ids, int32
 
-    cache = None
-    if cache_len:
-        cb = cache_batch or n_batch
-        dt = jnp.dtype(cache_dtype)
-        ctree = jax.eval_shape(lambda: init_cache(cfg, cb, cache_len, dt, cache_format))
-        csh = cache_shardings(mesh, ctree)
-        cb_ = tree_bytes(ctree, csh, shape)
-        split = cb % n_batch == 0
-        cache = {"len": cache_len, "batch": cb, "dtype": cache_dtype, "format": cache_format,
-                 "split_over_batch_axes": split, "global": cb_["global"], "per_device": cb_["per_device"],
-                 "sequences_per_device": cb / n_batch if split else cb,
-                 "note": None if split else f"cache batch {cb} does not divide the {n_batch} batch shards: "
-                                            "the cache is replicated on every device"}
+    cache = _decode_cache(cfg, mesh, cache_len, cache_batch, cache_dtype, cache_format) if cache_len else None
 
     state_bytes = parts["params"]["per_device"] + parts["opt_state"]["per_device"] + \
         parts["buffers"]["per_device"] + scalars["per_device"]
@@ -570,6 +563,392 @@ def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format,
         "analytic_seconds": round(time.time() - t0, 1),
     }
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference (serving): resident weights, native as released or dequantized to bf16, and the cache
+# ---------------------------------------------------------------------------------------------
+
+
+class Slice(NamedTuple):
+    """A named set of accelerators: how many devices and the HBM of each (bytes)."""
+
+    name: str
+    devices: int
+    hbm_bytes: float
+    note: str
+
+
+# Cloud TPU names a v5p slice by its TensorCores (two per chip): v5p-8 is 2x2x1 = 4 chips, v5p-16
+# is 2x2x2 = 8 chips (cloud.google.com/tpu/docs/v5p: "Topology | Cores | Chips": 2x2x1 | 8 | 4).
+SLICES: dict[str, Slice] = {s.name: s for s in (
+    Slice("v5p-8", 4, 95 * GIB, "Cloud TPU v5p-8: 2x2x1, 4 chips (8 TensorCores), 95 GiB HBM per chip"),
+    Slice("v5p-16", 8, 95 * GIB, "Cloud TPU v5p-16: 2x2x2, 8 chips (16 TensorCores), 95 GiB HBM per chip"),
+    Slice("8xH100", 8, 80e9, "8 NVIDIA H100 SXM, 80 GB (80e9 bytes) HBM3 each"),
+    Slice("8xH200", 8, 141e9, "8 NVIDIA H200, 141 GB (141e9 bytes) HBM3e each"),
+)}
+WEIGHT_MODES = ("native", "bf16")
+# how the released checkpoint stores a leaf (spec 8), in the order the report lists them
+STORAGE_KINDS = ("fp4", "fp8", "bf16", "fp32")
+STORAGE_LABELS = {"fp4": "routed experts (fp4 in the checkpoint)",
+                  "fp8": "attention, shared expert, MTP proj (fp8)",
+                  "bf16": "embedding, head, compressors, router (bf16)",
+                  "fp32": "mHC, sinks, ape, buffers (fp32 / int32)"}
+_FP32_ISLANDS = ("hc_attn/", "hc_ffn/", "hc_head/", "attn_sink", "/ape", "gate/bias")
+
+
+def storage_kind(path: str) -> str:
+    """How the released checkpoint stores the leaf at ``path`` (``"params/stack_2/layer_0/attn/wo_a"``,
+    ``"buffers/..."``): ``"fp4"`` / ``"fp8"`` where ``v4jax.layers.quantized.WEIGHT_FORMATS`` says
+    so, ``"fp32"`` for the fp32 islands (mHC, attention sinks, ``ape``, the router bias) and every
+    buffer (``tid2eid`` is int32: also 4 bytes), ``"bf16"`` for the rest (embedding, head, norms,
+    compressors, the indexer's ``weights_proj``, the router)."""
+    wf = weight_format(path)
+    if wf is not None:
+        return wf[0]
+    if path.startswith("buffers/") or any(s in path for s in _FP32_ISLANDS):
+        return "fp32"
+    return "bf16"
+
+
+def native_weight(shape, fmt: str, layout: str) -> QuantizedWeight:
+    """The abstract native weight (``ShapeDtypeStruct`` codes and scales in the checkpoint layout)
+    that stands for a dense leaf of v4jax shape ``shape``: fp8 codes ``[..., out, in]`` (1 byte)
+    with one e8m0 scale per 128x128 tile (``ceil(out/128) x ceil(in/128)``); fp4 codes packed
+    ``[..., out, in/2]`` with one scale per 1x32 block ``[..., out, in/32]``."""
+    import jax
+    import jax.numpy as jnp
+
+    if layout == "t":
+        *lead, inn, out = shape
+        groups = 1
+    elif layout == "wo_a":
+        *lead, groups, inn, dg = shape
+        out = groups * dg
+    else:
+        raise ValueError(f"unknown quantized layout {layout!r}")
+    e8m0 = jnp.float8_e8m0fnu
+    if fmt == "fp8":
+        bo, bi = FP8_BLOCK
+        codes = jax.ShapeDtypeStruct((*lead, out, inn), jnp.float8_e4m3fn)
+        scale = jax.ShapeDtypeStruct((*lead, -(-out // bo), -(-inn // bi)), e8m0)
+    elif fmt == "fp4":
+        codes = jax.ShapeDtypeStruct((*lead, out, -(-inn // 2)), jnp.uint8)
+        scale = jax.ShapeDtypeStruct((*lead, out, -(-inn // FP4_BLOCK)), e8m0)
+    else:
+        raise ValueError(f"unknown weight format {fmt!r}")
+    return QuantizedWeight(codes, scale, fmt, layout, groups, FP8_BLOCK)
+
+
+def _leaf_bytes(path: str, leaf, spec, mesh, mode: str, problems: list | None) -> float:
+    """Per-device bytes of one variable as served: ``mode="native"`` keeps an fp8 / fp4 leaf as its
+    codes and scales (sharded like the dense leaf, ``placement.quantized_sharding``); otherwise a
+    float leaf is 2 bytes (bf16), the fp32 islands 4, buffers their own dtype."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    shape = dict(mesh.shape)
+    kind = storage_kind(path)
+    if mode == "native" and kind in ("fp4", "fp8"):
+        nat = native_weight(leaf.shape, *weight_format(path))
+        q = quantized_sharding(nat, NamedSharding(mesh, spec))
+        return (shard_bytes(nat.codes.shape, nat.codes.dtype, q.codes.spec, shape, f"{path} (codes)", problems)
+                + shard_bytes(nat.scale.shape, nat.scale.dtype, q.scale.spec, shape, f"{path} (scales)", problems))
+    if path.startswith("buffers/"):
+        dtype = leaf.dtype
+    else:
+        dtype = jnp.float32 if kind == "fp32" else jnp.bfloat16
+    return shard_bytes(leaf.shape, dtype, spec, shape, path, problems)
+
+
+@functools.lru_cache(maxsize=8)
+def _served_variables(cfg):
+    """``(flat variables {path: ShapeDtypeStruct}, flat logical specs {path: tuple})`` of ``cfg``
+    from one model trace (flash: ~9 s, mostly the hash-routing tables), memoised."""
+    import flax.linen as nn
+    import jax
+
+    boxed = vp.abstract_variables(cfg, boxed=True)
+    specs = dict(_leaves(nn.get_partition_spec(boxed)["params"],
+                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    flat = dict(_leaves(nn.meta.unbox(boxed)))
+    return flat, {p: tuple(s) for p, s in specs.items()}
+
+
+class WeightBytes(NamedTuple):
+    """Resident weight bytes of a served model in one mode (``"native"`` or ``"bf16"``)."""
+
+    mode: str
+    per_device: float            # parameters + buffers on each device
+    total: float                 # all distinct bytes (one copy): for "native", the checkpoint's size
+    per_device_by_kind: dict     # STORAGE_KINDS -> per-device bytes
+    total_by_kind: dict
+    zero_sharded: float          # per-device bytes of leaves whose non-expert dims are split over batch axes
+    gather: float                # transient: the largest layer's such leaves gathered, twice (current + next)
+
+
+class CacheBytes(NamedTuple):
+    """The decode cache (``init_cache``) on the mesh (``cache_shardings``)."""
+
+    len: int
+    batch: int
+    dtype: str
+    format: str
+    per_device: float
+    total: float
+    sequences_per_device: float
+    split_over_batch_axes: bool
+    note: str | None
+
+
+class InferenceMemory(NamedTuple):
+    """Per-device memory of serving ``preset`` on ``mesh``: weights native and dequantized (bf16)
+    side by side, the decode cache, and the verdict against ``hbm_bytes`` for each mode.
+    ``total_per_device[mode] = weights + gather transient + cache`` (activations not counted)."""
+
+    preset: str
+    mesh: dict
+    devices: int
+    slice: str | None
+    hbm_bytes: float | None
+    weights: str                 # the mode the verdict (``fits_selected``) is for
+    native: WeightBytes
+    bf16: WeightBytes
+    cache: CacheBytes | None
+    batch_axes: tuple
+    total_per_device: dict       # mode -> bytes
+    fits: dict                   # mode -> bool (None without an HBM size)
+    notes: tuple
+    problems: tuple              # layouts jit would refuse (dims that do not divide), for ``weights``
+
+    @property
+    def fits_selected(self) -> bool | None:
+        return self.fits[self.weights]
+
+    def to_dict(self) -> dict:
+        d = self._asdict()
+        for k in ("native", "bf16", "cache"):
+            if d[k] is not None:
+                d[k] = d[k]._asdict()
+        d["batch_axes"], d["notes"], d["problems"] = list(self.batch_axes), list(self.notes), list(self.problems)
+        return d
+
+
+def _decode_cache(cfg, mesh, cache_len: int, cache_batch: int | None, cache_dtype: str, cache_format: str) -> dict:
+    """The decode cache's bytes on ``mesh``: ``cache_batch`` sequences (default: one per batch
+    shard) of ``cache_len`` tokens, split over the batch axes when the batch divides them."""
+    import jax
+    import jax.numpy as jnp
+
+    n_batch = batch_shards(mesh)
+    cb = cache_batch or n_batch
+    dt = jnp.dtype(cache_dtype)
+    ctree = jax.eval_shape(lambda: init_cache(cfg, cb, cache_len, dt, cache_format))
+    cb_ = tree_bytes(ctree, cache_shardings(mesh, ctree), dict(mesh.shape))
+    split = cb % n_batch == 0
+    return {"len": cache_len, "batch": cb, "dtype": cache_dtype, "format": cache_format,
+            "split_over_batch_axes": split, "global": cb_["global"], "per_device": cb_["per_device"],
+            "sequences_per_device": cb / n_batch if split else cb,
+            "note": None if split else f"cache batch {cb} does not divide the {n_batch} batch shards: "
+                                       "the cache is replicated on every device"}
+
+
+def _weight_bytes(flat, specs, mesh, mode: str, problems: list | None) -> WeightBytes:
+    per = {k: 0.0 for k in STORAGE_KINDS}
+    tot = {k: 0.0 for k in STORAGE_KINDS}
+    one = abstract_mesh({})
+    zero = 0.0
+    layer_gather: dict[str, float] = {}
+    for path, leaf in flat.items():
+        kind = storage_kind(path)
+        if path.startswith("params/"):
+            lg = specs[path[len("params/"):]]
+            spec = to_mesh_spec(lg, mesh, shape=leaf.shape)
+        else:                                           # buffers: replicated (placement.variables_shardings)
+            lg, spec = (), PartitionSpec()
+        b = _leaf_bytes(path, leaf, spec, mesh, mode, problems)
+        per[kind] += b
+        tot[kind] += _leaf_bytes(path, leaf, PartitionSpec(), one, mode, None)
+        # batch axes (fsdp, and expert on a dense leaf) split the weight ZeRO-style: its matmul
+        # gathers it (the experts' own ``experts`` split stays: the tokens travel instead)
+        kept = PartitionSpec(*(e if n == "experts" else _drop_batch_axes(e)
+                               for n, e in zip(lg + (None,) * leaf.ndim, tuple(spec))))
+        if tuple(kept) != tuple(spec):
+            zero += b
+            parts = path.split("/")
+            if parts[1].startswith("stack_"):
+                key, reps = "/".join(parts[1:3]), leaf.shape[0]
+            elif parts[1].startswith("mtp_"):
+                key, reps = parts[1], 1
+            else:
+                continue                                # embedding / head / final mHC: not per layer
+            layer_gather[key] = layer_gather.get(key, 0.0) + _leaf_bytes(path, leaf, kept, mesh, mode, None) / reps
+    return WeightBytes(mode, sum(per.values()), sum(tot.values()), per, tot, zero,
+                       2 * max(layer_gather.values(), default=0.0))
+
+
+def _less_split_native(flat, specs, mesh) -> list:
+    """Native (fp8 / fp4) leaves whose codes ``placement.quantized_sharding`` splits over fewer
+    devices than the dense leaf's sharding: ``(path, extra bytes per device, dense spec, codes spec)``."""
+    from jax.sharding import NamedSharding
+
+    shape = dict(mesh.shape)
+    out = []
+    for path, leaf in flat.items():
+        wf = weight_format(path) if path.startswith("params/") else None
+        if wf is None:
+            continue
+        spec = to_mesh_spec(specs[path[7:]], mesh, shape=leaf.shape)
+        nat = native_weight(leaf.shape, *wf)
+        cspec = quantized_sharding(nat, NamedSharding(mesh, spec)).codes.spec
+        dense_n = math.prod(dim_shards(spec, leaf.ndim, shape))
+        codes_n = math.prod(dim_shards(cspec, nat.codes.ndim, shape))
+        if codes_n < dense_n:
+            whole = nbytes_of(nat.codes.shape, nat.codes.dtype)
+            out.append((path, whole / codes_n - whole / dense_n, str(spec), str(cspec)))
+    return out
+
+
+def inference_memory(cfg, mesh_shape: dict[str, int] | None = None, weights: str = "native",
+                     cache_len: int | None = None, cache_batch: int | None = None,
+                     cache_format: str = "native", cache_dtype: str = "bfloat16",
+                     slice: str | None = None, hbm_bytes: float | None = None) -> InferenceMemory:
+    """Per-device memory of serving ``cfg`` (a ``V4Config`` or a preset name) on a mesh
+    ``{axis: size}``: the resident weights as the released checkpoint stores them (``"native"``:
+    FP8 codes + 128x128 e8m0 scales, FP4 packed + 1x32 scales, bf16 / fp32 as stored) and
+    dequantized (``"bf16"``: every float parameter 2 bytes, fp32 islands 4), both sharded by the
+    rules table (``v4jax.sharding``; native codes and scales like the dense leaf they replace,
+    ``placement.quantized_sharding``), plus the decode cache of ``cache_batch`` sequences (default
+    one per batch shard) of ``cache_len`` tokens (default ``cfg.max_seq_len``; 0: no cache).
+
+    ``slice`` (``SLICES``) gives the HBM per device and, without ``mesh_shape``, the default
+    serving mesh ``expert=<devices>``; ``hbm_bytes`` overrides the HBM. ``weights`` picks the mode
+    of ``fits_selected``; both modes are always computed. Nothing is allocated."""
+    from v4jax.config import preset as model_preset
+
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    if isinstance(cfg, str):
+        cfg = model_preset(cfg)
+    sl = None
+    if slice is not None:
+        if slice not in SLICES:
+            raise ValueError(f"unknown slice {slice!r} (expected one of {tuple(SLICES)})")
+        sl = SLICES[slice]
+    if mesh_shape is None:
+        mesh_shape = {"expert": sl.devices} if sl is not None and sl.devices > 1 else {}
+    mesh_shape = {a: int(n) for a, n in mesh_shape.items()}
+    devices = math.prod(mesh_shape.values()) if mesh_shape else 1
+    if sl is not None and devices != sl.devices:
+        raise ValueError(f"mesh {mesh_shape} has {devices} devices, slice {sl.name} has {sl.devices}")
+    if hbm_bytes is None and sl is not None:
+        hbm_bytes = sl.hbm_bytes
+    mesh = abstract_mesh(mesh_shape)
+    flat, specs = _served_variables(cfg)
+    problems: dict[str, list] = {m: [] for m in WEIGHT_MODES}
+    modes = {m: _weight_bytes(flat, specs, mesh, m, problems[m]) for m in WEIGHT_MODES}
+    cache_len = cfg.max_seq_len if cache_len is None else cache_len
+    cache = None
+    if cache_len:
+        c = _decode_cache(cfg, mesh, cache_len, cache_batch, cache_dtype, cache_format)
+        cache = CacheBytes(c["len"], c["batch"], c["dtype"], c["format"], c["per_device"], c["global"],
+                           c["sequences_per_device"], c["split_over_batch_axes"], c["note"])
+    cache_dev = cache.per_device if cache else 0.0
+    totals = {m: w.per_device + w.gather + cache_dev for m, w in modes.items()}
+    fits = {m: None if hbm_bytes is None else bool(t <= hbm_bytes and not problems[m]) for m, t in totals.items()}
+    notes = []
+    axes = batch_axes(mesh)
+    w = modes[weights]
+    if w.zero_sharded:
+        notes.append(f"{_gu(w.zero_sharded)} per device of the weights are split over the batch axes "
+                     f"{axes} ZeRO-style (the rules table puts a dense leaf's embed / low-rank dim on fsdp x "
+                     f"expert, an expert leaf's embed on fsdp): serving all-gathers each layer's share at every "
+                     f"forward step ({_gu(w.gather / 2)} per layer, counted twice as a transient); a tensor "
+                     f"axis splits heads / mlp / vocab without that gather")
+    if devices > 1:
+        whole = [p for p, x in flat.items() if p.startswith("params/")
+                 and math.prod(dim_shards(to_mesh_spec(specs[p[7:]], mesh, shape=x.shape), x.ndim, mesh_shape)) == 1
+                 and _leaf_bytes(p, x, PartitionSpec(), mesh, weights, None) > REPLICATED_REPORT_BYTES]
+        if whole:
+            notes.append(f"replicated on every device (> {REPLICATED_REPORT_BYTES >> 20} MiB each): "
+                         + ", ".join(whole[:6]) + (" ..." if len(whole) > 6 else ""))
+    if devices > 1:
+        less = _less_split_native(flat, specs, mesh)
+        if less:
+            notes.append(f"native codes split less than their dense leaf (placement.quantized_sharding), "
+                         f"{_gu(sum(x[1] for x in less))} per device more than the dense split would give: "
+                         + "; ".join(f"{p} {d} -> codes {c}" for p, _, d, c in less[:3])
+                         + (f" (+{len(less) - 3} more)" if len(less) > 3 else ""))
+    if cache is not None and cache.note:
+        notes.append(cache.note)
+    return InferenceMemory(cfg.name, mesh_shape, devices, sl.name if sl else None, hbm_bytes, weights,
+                           modes["native"], modes["bf16"], cache, axes, totals, fits, tuple(notes),
+                           tuple(problems[weights]))
+
+
+def serving_meshes(devices: int) -> list[dict[str, int]]:
+    """Candidate serving meshes on ``devices`` devices over ``fsdp`` / ``expert`` / ``tensor``
+    (every factorisation into powers of two), ``expert=devices`` first."""
+    out = []
+    for f in range(devices.bit_length()):
+        for e in range(devices.bit_length()):
+            F, E = 1 << f, 1 << e
+            if devices % (F * E):
+                continue
+            T = devices // (F * E)
+            if F * E * T != devices or T & (T - 1):
+                continue
+            out.append({a: n for a, n in (("fsdp", F), ("expert", E), ("tensor", T)) if n > 1})
+    out.sort(key=lambda m: (m != {"expert": devices}, -m.get("expert", 1), m.get("fsdp", 1)))
+    return out or [{}]
+
+
+def format_inference(r: InferenceMemory, title: str = "v4jax-plan --inference") -> str:
+    """The inference report as text: one row per storage kind, native and bf16 side by side."""
+    mesh = ",".join(f"{a}={n}" for a, n in r.mesh.items()) or "(one device)"
+    where = f" on {r.slice}" if r.slice else ""
+    hbm = "" if r.hbm_bytes is None else f", {_g(r.hbm_bytes)} GiB HBM each"
+    L = [f"{title}: {r.preset}{where} ({r.devices} device{'s' if r.devices > 1 else ''}{hbm}), mesh {mesh}"]
+    if r.slice:
+        L[0] += f"  [{SLICES[r.slice].note}]"
+    L.append(f"{'per device':<58}{'native GiB':>12}{'bf16 GiB':>12}")
+    for k in STORAGE_KINDS:
+        L.append(f"  {STORAGE_LABELS[k]:<56}{_g(r.native.per_device_by_kind[k]):>12}{_g(r.bf16.per_device_by_kind[k]):>12}")
+    L.append(f"{'weights':<58}{_g(r.native.per_device):>12}{_g(r.bf16.per_device):>12}")
+    L.append(f"{'  (one copy, all devices together)':<58}{_g(r.native.total):>12}{_g(r.bf16.total):>12}"
+             f"   = {r.native.total / 1e9:,.1f} GB / {r.bf16.total / 1e9:,.1f} GB")
+    if r.native.gather or r.bf16.gather:
+        L.append(f"{'ZeRO gather, largest layer x2 (transient)':<58}{_g(r.native.gather):>12}{_g(r.bf16.gather):>12}")
+    c = r.cache
+    if c:
+        name = f"decode cache ({c.format} {c.dtype}, {c.batch} x {c.len:,} tok, {c.sequences_per_device:g}/dev)"
+        L.append(f"{name:<58}{_g(c.per_device):>12}{_g(c.per_device):>12}")
+    t = r.total_per_device
+    L.append(f"{'TOTAL (weights + gather + cache; no activations)':<58}{_g(t['native']):>12}{_g(t['bf16']):>12}")
+    if r.hbm_bytes is not None:
+        L.append(f"{'HBM':<58}{_g(r.hbm_bytes):>12}{_g(r.hbm_bytes):>12}")
+        L.append(f"{'free':<58}{_g(r.hbm_bytes - t['native']):>12}{_g(r.hbm_bytes - t['bf16']):>12}")
+        yn = lambda m: ("yes" if r.fits[m] else "NO") + (" *" if m == r.weights else "")
+        L.append(f"{'fits':<58}{yn('native'):>12}{yn('bf16'):>12}")
+        L.append(f"verdict (--weights {r.weights}): {'fits' if r.fits_selected else 'DOES NOT FIT'}")
+    for n in r.notes:
+        L.append(f"note: {n}")
+    for p in r.problems[:10]:
+        L.append(f"PROBLEM: {p['message']}")
+    return "\n".join(L)
+
+
+def format_mesh_comparison(rows: list[InferenceMemory]) -> str:
+    L = [f"{'mesh':<28}{'native':>9}{'bf16':>9}{'cache':>9}{'total nat':>11}{'total bf16':>11}"
+         f"{'fits nat/bf16':>15}{'ZeRO-split':>12}   (GiB per device)"]
+    for r in rows:
+        mesh = ",".join(f"{a}={n}" for a, n in r.mesh.items()) or "(one device)"
+        yn = lambda m: "-" if r.fits[m] is None else ("yes" if r.fits[m] else "no")
+        L.append(f"{mesh:<28}{_g(r.native.per_device):>9}{_g(r.bf16.per_device):>9}"
+                 f"{_g(r.cache.per_device if r.cache else 0):>9}{_g(r.total_per_device['native']):>11}"
+                 f"{_g(r.total_per_device['bf16']):>11}{yn('native') + ' / ' + yn('bf16'):>15}"
+                 f"{_g(r.native.zero_sharded):>12}" + ("  PROBLEMS" if r.problems else ""))
+    return "\n".join(L)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -818,7 +1197,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="v4jax-plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="flash", help="run preset (tiny, small, flash, pro) or a train_config.json")
-    ap.add_argument("--mesh", required=True, metavar="AXIS=N,...", help="e.g. fsdp=32,expert=8 (data, fsdp, expert, tensor)")
+    ap.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                    help="e.g. fsdp=32,expert=8 (data, fsdp, expert, tensor); required for training, "
+                         "--inference with --slice defaults to expert=<devices>")
     ap.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the preset's)")
     ap.add_argument("--batch", type=int, default=None, help="global batch in rows (default: the preset's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -837,12 +1218,73 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TPU: when the step does not fit, compile again with xla_tpu_no_crash_on_oom for the full "
                          "memory analysis (slow)")
     ap.add_argument("--topology", default=None, help="--aot with --libtpu: e.g. v5p:8x8x4 (256 chips)")
+    inf = ap.add_argument_group("inference mode (serving memory: resident weights and the decode cache)")
+    inf.add_argument("--inference", action="store_true",
+                     help="report serving memory instead of a training step: weights native and bf16 per device, "
+                          "the decode cache, the fit verdict")
+    inf.add_argument("--weights", default="native", choices=WEIGHT_MODES,
+                     help="the mode the verdict is for: native (as the released checkpoint stores them: FP8/FP4 "
+                          "with scales) or bf16 (dequantized); both are printed")
+    inf.add_argument("--slice", default=None, choices=tuple(SLICES),
+                     help="named slice: device count and HBM per device (" + "; ".join(
+                         f"{s.name}: {s.devices} x {s.hbm_bytes / GIB:.2f} GiB" for s in SLICES.values()) + ")")
+    inf.add_argument("--compare", action="store_true",
+                     help="also tabulate every fsdp/expert/tensor mesh on the same devices")
     return ap
+
+
+def inference_main(args, ap) -> int:
+    """``v4jax-plan --inference``: ``inference_memory`` printed (and ``--json``)."""
+    if args.aot:
+        ap.error("--aot is for training plans (no --inference)")
+    axes = None
+    if args.mesh is not None:
+        try:
+            axes = parse_mesh(args.mesh)
+        except ConfigError as e:
+            ap.error(f"--mesh {args.mesh!r}: {e}")
+    elif args.slice is None:
+        ap.error("--inference needs --mesh or --slice")
+    try:
+        cfg = train_preset(args.preset, list(args.set)).model
+    except ConfigError as e:
+        ap.error(str(e))
+    cache_len = args.cache_len if args.cache_len is not None else cfg.max_seq_len
+    if not 0 <= cache_len <= cfg.max_seq_len:
+        ap.error(f"--cache-len {cache_len}: must be in [0, {cfg.max_seq_len}] (0: no cache)")
+    hbm = None if args.slice else args.hbm_gib * GIB
+    kw = dict(weights=args.weights, cache_len=cache_len, cache_batch=args.cache_batch, cache_format=args.cache_format,
+              cache_dtype=args.cache_dtype, slice=args.slice, hbm_bytes=hbm)
+    try:
+        r = inference_memory(cfg, axes, **kw)
+    except ValueError as e:
+        ap.error(str(e))
+    print(format_inference(r))
+    report = r.to_dict()
+    if args.compare:
+        if r.cache is not None:                     # the same load on every mesh
+            kw["cache_batch"] = r.cache.batch
+        rows = [inference_memory(cfg, m, **kw) for m in serving_meshes(r.devices)]
+        print()
+        print(f"every fsdp / expert / tensor mesh on {r.devices} devices"
+              + (f", the same cache ({r.cache.batch} x {r.cache.len:,} tokens; split only over the batch axes)"
+                 if r.cache is not None else ""))
+        print(format_mesh_comparison(rows))
+        report["compare"] = [x.to_dict() for x in rows]
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
+    return 3 if r.problems else 0
 
 
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.inference:
+        return inference_main(args, ap)
+    if args.mesh is None:
+        ap.error("the following arguments are required: --mesh (or --inference with --slice)")
 
     try:
         axes = parse_mesh(args.mesh)

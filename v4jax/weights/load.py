@@ -23,15 +23,18 @@ import functools
 import glob
 import json
 import os
+import re
 import warnings
 from typing import NamedTuple
 
 import flax.traverse_util as tu
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from v4jax.config import V4Config
-from v4jax.model.layout import stack_variables, unstack_variables
+from v4jax.layers import quantized as qw
+from v4jax.model.layout import layer_plan, locate, unstack_variables
 from v4jax.params import abstract_variables
 from v4jax.weights import naming, quant
 from v4jax.weights.safetensors_io import SafetensorsFile, TensorInfo
@@ -62,12 +65,18 @@ class LoadReport(NamedTuple):
     ignored: tuple[str, ...]  # names skipped on purpose (MTP emb/head copies, rotary tables, ...)
 
 
-def load_variables(path, cfg: V4Config | None = None, dtype=None, *, require_mtp: bool = False) -> LoadedWeights:
+def load_variables(path, cfg: V4Config | None = None, dtype=None, *, require_mtp: bool = False,
+                   weights: str = "dequantized") -> LoadedWeights:
     """Load ``path`` (a checkpoint directory, or one ``.safetensors`` file) for ``cfg`` (default:
     the directory's ``config.json``). Float params are returned as numpy arrays of ``dtype``
     (default ``cfg.param_dtype``); buffers keep the model's dtypes (``bias`` fp32, ``tid2eid``
-    int32). Returns ``LoadedWeights(variables, cfg)``; see the module docstring for MTP."""
-    r = load_checkpoint(path, cfg, dtype, require_mtp=require_mtp)
+    int32). Returns ``LoadedWeights(variables, cfg)``; see the module docstring for MTP.
+
+    ``weights="native"``: every FP8 / FP4 matrix stays as stored, a
+    ``v4jax.layers.quantized.QuantizedWeight`` (codes and scales in the checkpoint layout, FP4
+    packed two per byte) that the model dequantizes inside its compiled program; bf16 / fp32
+    tensors load as with ``"dequantized"`` (the default: everything in ``dtype``)."""
+    r = load_checkpoint(path, cfg, dtype, require_mtp=require_mtp, weights=weights)
     return LoadedWeights(r.variables, r.cfg)
 
 
@@ -113,13 +122,39 @@ def _few(names, n=5) -> str:
     return ", ".join(repr(x) for x in names[:n]) + more
 
 
+# what the loader understands of a config.json's ``quantization_config`` (the released one:
+# quant_method fp8, fmt e4m3, scale_fmt ue8m0, weight_block_size [128, 128], activation_scheme dynamic)
+_QUANT_KEYS = {"quant_method": ("fp8",), "fmt": ("e4m3", "e5m2"), "scale_fmt": ("ue8m0", None),
+               "activation_scheme": ("dynamic", None)}
+_EXPERT_DTYPES = ("fp4", "fp8", "bf16", "bfloat16", None)
+
+
 def _block_hint(directory: str) -> tuple[int, int] | None:
+    """The ``weight_block_size`` of ``config.json``'s ``quantization_config`` (None if absent);
+    a ``quantization_config`` the loader does not understand is a ``CheckpointError``."""
     try:
         with open(os.path.join(directory, "config.json")) as f:
-            b = (json.load(f).get("quantization_config") or {}).get("weight_block_size")
-        return (int(b[0]), int(b[1])) if b else None
-    except (OSError, ValueError, TypeError, IndexError):
+            d = json.load(f)
+    except (OSError, ValueError):
         return None
+    qc, ed = d.get("quantization_config"), d.get("expert_dtype")
+    where = os.path.join(directory, "config.json")
+    if ed not in _EXPERT_DTYPES:
+        raise CheckpointError(f"{where}: expert_dtype {ed!r} is not one of {_EXPERT_DTYPES[:-1]}")
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where}: quantization_config must be an object, got {qc!r}")
+    for key, allowed in _QUANT_KEYS.items():
+        if qc.get(key) not in allowed:
+            raise CheckpointError(f"{where}: quantization_config.{key} = {qc.get(key)!r} is not supported "
+                                  f"(DeepSeek-V4 checkpoints use {allowed[0]!r}); known: {[a for a in allowed if a]}")
+    b = qc.get("weight_block_size")
+    if b is None:
+        return None
+    if not (isinstance(b, list) and len(b) == 2 and all(isinstance(v, int) and v > 0 for v in b)):
+        raise CheckpointError(f"{where}: quantization_config.weight_block_size must be two positive integers, got {b!r}")
+    return int(b[0]), int(b[1])
 
 
 class _Plan(NamedTuple):
@@ -223,6 +258,46 @@ def _check_source(info: TensorInfo, pls, scale: TensorInfo | None, expected) -> 
         raise CheckpointError(f"{where}: quantized packed experts are not supported")
 
 
+def _scale_block(info: TensorInfo, scale: TensorInfo, block) -> tuple[int, int]:
+    """The FP8 tile (rows, cols) of ``info``'s block scale (the config's ``weight_block_size`` if
+    it tiles the shapes, else inferred as ``quant.dequant_fp8_block`` does)."""
+    pr, pc = block if block is not None else (None, None)
+    try:
+        return (quant.infer_block(info.shape[0], scale.shape[0], pr), quant.infer_block(info.shape[1], scale.shape[1], pc))
+    except (ValueError, IndexError) as e:
+        raise CheckpointError(f"tensor {info.name!r} {list(info.shape)}: its scale {scale.name!r} "
+                              f"{list(scale.shape)} does not tile it: {e}") from None
+
+
+def _native_scale(s: np.ndarray, name: str) -> np.ndarray:
+    """A stored scale kept as it is (e8m0 bytes or a float dtype), raw ue8m0 exponents as e8m0."""
+    if s.dtype == np.uint8:
+        return s.view(ml_dtypes.float8_e8m0fnu)
+    if s.dtype == np.dtype(ml_dtypes.float8_e8m0fnu) or np.issubdtype(s.dtype, np.floating) or s.dtype in (
+            np.dtype(ml_dtypes.bfloat16),):
+        return s
+    raise CheckpointError(f"scale {name!r}: unsupported dtype {s.dtype}")
+
+
+def _native(f: SafetensorsFile, info: TensorInfo, scale_file, scale: TensorInfo, block, layout: str) -> _NativeTensor:
+    """A quantized tensor as stored: codes (FP8, or FP4 bytes) and its scale, checked to tile."""
+    x, s = f.get(info.name), _native_scale(scale_file.get(scale.name), scale.name)
+    if info.dtype in _FP8:
+        if x.ndim != 2 or s.ndim != 2:
+            raise CheckpointError(f"tensor {info.name!r}: FP8 weight and scale must be 2-D, got {list(x.shape)} "
+                                  f"and {list(s.shape)}")
+        if info.dtype != "F8_E4M3":
+            raise CheckpointError(f"tensor {info.name!r}: native weights support FP8 e4m3 (the released format), "
+                                  f"not {info.dtype}; load with weights='dequantized'")
+        return _NativeTensor(x, s, "fp8", _scale_block(info, scale, block), layout)
+    codes = x.reshape(x.shape[:-1] + (-1,)).view(np.uint8)
+    n = 2 * codes.shape[-1]
+    if s.shape[:-1] != codes.shape[:-1] or s.shape[-1] * qw.FP4_BLOCK != n:
+        raise CheckpointError(f"tensor {info.name!r}: FP4 scale {scale.name!r} {list(s.shape)} does not tile "
+                              f"{list(codes.shape[:-1]) + [n]} in 1 x {qw.FP4_BLOCK} blocks (the released format)")
+    return _NativeTensor(codes, s, "fp4", qw.FP8_BLOCK, layout)
+
+
 def _materialise(f: SafetensorsFile, info: TensorInfo, scale_file, scale: TensorInfo | None, block) -> np.ndarray:
     x = f.get(info.name)
     if scale is None:
@@ -237,8 +312,24 @@ def _materialise(f: SafetensorsFile, info: TensorInfo, scale_file, scale: Tensor
                               f"{list(scale.shape)}: {e}") from None
 
 
-def load_checkpoint(path, cfg: V4Config | None = None, dtype=None, *, require_mtp: bool = False) -> LoadReport:
+class _NativeTensor(NamedTuple):
+    codes: np.ndarray
+    scale: np.ndarray
+    fmt: str
+    block: tuple[int, int]
+    layout: str
+
+
+_KEEP = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
+_NATIVE_LAYOUTS = {"linear": "t", "expert": "t", "wo_a": "wo_a"}
+WEIGHTS = ("dequantized", "native")
+
+
+def load_checkpoint(path, cfg: V4Config | None = None, dtype=None, *, require_mtp: bool = False,
+                    weights: str = "dequantized") -> LoadReport:
     """``load_variables`` with the full report (``mtp_loaded``, ``ignored`` names)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     directory, files, wmap = checkpoint_files(path)
     if cfg is None:
         cfg_path = os.path.join(directory, "config.json")
@@ -262,30 +353,101 @@ def load_checkpoint(path, cfg: V4Config | None = None, dtype=None, *, require_mt
         plan = _plan(infos, cfg, require_mtp)
         param_dt = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
         block = _block_hint(directory)
-        out: dict[str, np.ndarray] = {}
+        # native: a bf16 / fp32 tensor also stays as stored (unless ``dtype`` is given), so the
+        # resident bytes are the file's
+        dest = _Destination(plan.cfg, plan.expected, param_dt, keep_stored=weights == "native" and dtype is None)
         for fn, r in readers.items():
             for name in sorted((n for n in r.tensors if n in plan.sources and infos[n].file == fn),
                                key=lambda n: r.tensors[n].begin):
                 sc = plan.scales.get(name)
-                x = _materialise(r, infos[name], readers[sc.file] if sc else None, sc, block)
-                for p in plan.sources[name]:
-                    _place(out, p, x, plan.expected[p.path], param_dt, plan.cfg.n_routed_experts, name)
+                pls = plan.sources[name]
+                if weights == "native" and sc is not None and pls[0].layout in _NATIVE_LAYOUTS:
+                    x = _native(r, infos[name], readers[sc.file], sc, block, _NATIVE_LAYOUTS[pls[0].layout])
+                else:
+                    x = _materialise(r, infos[name], readers[sc.file] if sc else None, sc, block)
+                for p in pls:
+                    dest.place(p, x, plan.cfg.n_routed_experts, name)
                 del x
-        variables = stack_variables(plan.cfg, tu.unflatten_dict({tuple(k.split("/")): v for k, v in out.items()}))
-        return LoadReport(variables, plan.cfg, plan.mtp_loaded, plan.ignored)
+        return LoadReport(dest.variables(), plan.cfg, plan.mtp_loaded, plan.ignored)
     finally:
         for r in readers.values():
             r.close()
 
 
-def _place(out, p: naming.Placement, x: np.ndarray, leaf, param_dt, n_experts: int, name: str) -> None:
-    dt = param_dt if p.path.startswith("params/") else np.dtype(leaf.dtype)
-    if p.layout == "int" and x.size and (x.min() < 0 or x.max() >= n_experts):
-        raise CheckpointError(f"tensor {name!r}: expert ids out of range [0, {n_experts})")
-    y = naming.to_ours(p.layout, x, leaf.shape)
-    if p.expert is None:
-        out[p.path] = np.ascontiguousarray(y.astype(dt, copy=False))
-        return
-    if p.path not in out:
-        out[p.path] = np.empty(leaf.shape, dt)
-    out[p.path][p.expert] = y
+class _Destination:
+    """The variables being filled, allocated once in the model's stacked layout
+    (``v4jax.model.layout``): a layer's tensor is written into its slot of the stack, so loading
+    never holds a per-layer copy next to the stacked one. Native tensors fill codes and scales
+    (``QuantizedWeight``) the same way."""
+
+    def __init__(self, cfg: V4Config, expected: dict, param_dt: np.dtype, keep_stored: bool = False):
+        self.cfg, self.expected, self.param_dt, self.keep_stored = cfg, expected, param_dt, keep_stored
+        self.plan = layer_plan(cfg)
+        self.arrays: dict[str, object] = {}
+
+    def _where(self, path: str) -> tuple[str, int | None, int]:
+        """Canonical ``col/layers_i/rest`` -> (stacked path, repeat index or None, repeats)."""
+        col, top, *rest = path.split("/")
+        m = re.fullmatch(r"layers_(\d+)", top)
+        if m is None:
+            return path, None, 1
+        k, r, j = locate(self.cfg, int(m.group(1)))
+        return "/".join([col, f"stack_{k}", f"layer_{j}", *rest]), r, self.plan[k].repeats
+
+    def place(self, p: naming.Placement, x, n_experts: int, name: str) -> None:
+        leaf = self.expected[p.path]
+        spath, r, reps = self._where(p.path)
+        lead = () if r is None else (reps,)
+        slot = (() if r is None else (r,)) + (() if p.expert is None else (p.expert,))
+        if isinstance(x, _NativeTensor):
+            self._place_native(spath, lead, slot, p, x, leaf, name)
+            return
+        dt = self.param_dt if p.path.startswith("params/") else np.dtype(leaf.dtype)
+        if self.keep_stored and p.path.startswith("params/") and x.dtype in _KEEP:
+            dt = x.dtype
+        if p.layout == "int" and x.size and (x.min() < 0 or x.max() >= n_experts):
+            raise CheckpointError(f"tensor {name!r}: expert ids out of range [0, {n_experts})")
+        y = naming.to_ours(p.layout, x, leaf.shape)
+        if not slot:
+            self.arrays[spath] = np.ascontiguousarray(y.astype(dt, copy=False))
+            return
+        if spath not in self.arrays:
+            self.arrays[spath] = np.empty(lead + tuple(leaf.shape), dt)
+        self.arrays[spath][slot] = y
+
+    def _place_native(self, spath, lead, slot, p, x: _NativeTensor, leaf, name: str) -> None:
+        e_lead = (leaf.shape[0],) if p.expert is not None else ()
+        groups = leaf.shape[-3] if x.layout == "wo_a" else 1
+        got = qw.ours_shape(x.codes.shape[:-1] + ((2 if x.fmt == "fp4" else 1) * x.codes.shape[-1],), x.layout, groups)
+        want = tuple(leaf.shape[1:]) if p.expert is not None else tuple(leaf.shape)
+        if got != want:
+            raise CheckpointError(f"tensor {name!r}: native {x.fmt} weight gives {list(got)}, {p.path} needs {list(want)}")
+        if spath not in self.arrays:
+            self.arrays[spath] = _NativeSlots(np.empty(lead + e_lead + x.codes.shape, x.codes.dtype),
+                                              np.empty(lead + e_lead + x.scale.shape, x.scale.dtype),
+                                              x.fmt, x.layout, groups, x.block)
+        d = self.arrays[spath]
+        if (d.fmt, d.block, d.codes.shape[len(slot):], d.scale.shape[len(slot):], d.scale.dtype) != (
+                x.fmt, x.block, x.codes.shape, x.scale.shape, x.scale.dtype):
+            raise CheckpointError(f"tensor {name!r}: its format ({x.fmt}, block {x.block}, scale {list(x.scale.shape)} "
+                                  f"{x.scale.dtype}) differs from the other tensors stacked into {p.path}")
+        if slot:
+            d.codes[slot], d.scale[slot] = x.codes, x.scale
+        else:
+            self.arrays[spath] = d._replace(codes=np.ascontiguousarray(x.codes), scale=np.ascontiguousarray(x.scale))
+
+    def variables(self) -> dict:
+        flat = {}
+        for k, v in self.arrays.items():
+            flat[tuple(k.split("/"))] = (qw.QuantizedWeight(v.codes, v.scale, v.fmt, v.layout, v.groups, v.block)
+                                         if isinstance(v, _NativeSlots) else v)
+        return tu.unflatten_dict(flat)
+
+
+class _NativeSlots(NamedTuple):
+    codes: np.ndarray
+    scale: np.ndarray
+    fmt: str
+    layout: str
+    groups: int
+    block: tuple[int, int]
