@@ -38,7 +38,8 @@ LAYERS: list[tuple[str, ...]] = [
     # the model facade
     ("v4jax.api",),
     # training, checkpoints, the planner, the command lines and the package's face
-    ("v4jax.checkpoint", "v4jax.train", "v4jax.parallel.plan", "v4jax.inference.generate_cli", "v4jax"),
+    ("v4jax.checkpoint", "v4jax.train", "v4jax.parallel.plan", "v4jax.inference.generate_cli",
+     "v4jax.inference.cache_report_cli", "v4jax"),
 ]
 
 

@@ -206,3 +206,21 @@ def test_unknown_quantization_config_is_one_clear_error(tmp_path, change, key):
 def test_bad_weights_option():
     with pytest.raises(ValueError, match="weights must be one of"):
         load_variables(FP8, weights="fp4")
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs the 8 simulated CPU devices (conftest)")
+def test_native_weights_on_a_mesh(fp8_models):
+    """On ``fsdp=2,expert=2,tensor=2`` the native codes and scales are split like the dense leaves
+    they replace (scales with their blocks), and the logits equal the dequantized model's on the
+    same mesh."""
+    md, mn = fp8_models
+    ids = np.load(os.path.join(FP8, "expected.npz"))["input_ids"]
+    mesh = "fsdp=2,expert=2,tensor=2"
+    sd, sn = md.shard(mesh), mn.shard(mesh)
+    w1 = sn.layer_params(0)["ffn"]["experts"]["w1"]      # ours [E, d, I] -> codes [E, I, d/2]
+    dense = sd.layer_params(0)["ffn"]["experts"]["w1"]
+    cs, ds = tuple(w1.codes.sharding.spec), tuple(dense.sharding.spec)
+    assert cs[0] == ds[0] and cs[1:] == (ds[2], ds[1]) and any(cs), (cs, ds)
+    assert tuple(w1.scale.sharding.spec)[:2] == cs[:2]
+    ld = np.asarray(sd(ids))
+    assert np.abs(np.asarray(sn(ids)) - ld).max() <= 1e-5 * np.abs(ld).max()

@@ -1,7 +1,8 @@
 """KV-cache memory accounting (spec 3.8), computed from the real cache pytree with
 ``jax.eval_shape`` (nothing is allocated), next to the V3.2-MLA and GQA baselines.
 
-With ``--weights`` / ``--slice`` / ``--mesh`` the CLI also prints the serving memory per device
+The CLI, ``v4jax-cache-report`` (``v4jax.inference.cache_report_cli``), prints these rows; with
+``--weights`` / ``--slice`` / ``--mesh`` it also prints the serving memory per device
 (``v4jax.parallel.plan.inference_memory``): the resident weights, native as the released
 checkpoint stores them (FP8 / FP4 with their scales) and dequantized to bf16, next to the decode
 cache of ``--batch`` sequences of ``--context`` tokens split over the mesh's batch axes, and
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from v4jax.config import V4Config, preset
+from v4jax.config import V4Config
 from v4jax.model.transformer import init_cache
 
 V32_MLA_BYTES_PER_LAYER = 656 + 132   # MLA latent + indexer key per token per layer (spec 3.8)
@@ -70,62 +71,3 @@ def cache_report(cfg: V4Config, context: int = 2 ** 20, dtype=jnp.bfloat16, fmt:
 
 HEADER = ("| model | bytes/token | cache at 1M tokens (GiB) | V3.2 MLA (GiB) | ratio | bf16 GQA-8 (GiB) | ratio |\n"
           "|---|---|---|---|---|---|---|")
-
-
-def main(argv=None):
-    """``v4jax-cache-report [--context N] [--batch B] [--preset P ...] [--dtype bfloat16|float32]
-    [--format native fp8] [--weights native|bf16] [--slice S] [--mesh AXIS=N,...]``."""
-    import argparse
-
-    from v4jax.config import ConfigError
-    from v4jax.parallel.mesh import parse_mesh
-    from v4jax.parallel.plan import SLICES, WEIGHT_MODES, format_inference, inference_memory
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--context", type=int, default=2 ** 20)
-    ap.add_argument("--batch", type=int, default=None,
-                    help="sequences in the cache (table: default 1; serving rows: one per batch shard of the mesh)")
-    ap.add_argument("--preset", nargs="*", default=["flash", "pro"])
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--format", nargs="*", default=["native", "fp8"],
-                    help="cache storage formats (the serving rows use the first)")
-    ap.add_argument("--weights", default=None, choices=WEIGHT_MODES,
-                    help="also print the serving memory per device; the verdict is for these weights "
-                         "(native: as the checkpoint stores them; bf16: dequantized); both columns are printed")
-    ap.add_argument("--slice", default=None, choices=tuple(SLICES), help="named slice for the serving rows")
-    ap.add_argument("--mesh", default=None, metavar="AXIS=N,...",
-                    help="serving mesh (default with --slice: expert=<devices>; else one device)")
-    ap.add_argument("--hbm-gib", type=float, default=None, help="HBM per device without --slice")
-    a = ap.parse_args(argv)
-    if a.batch is not None and a.batch < 1:
-        ap.error(f"--batch {a.batch}: must be >= 1")
-    print(HEADER.replace("1M", f"{a.context:,}"))
-    for fmt in a.format:
-        for name in a.preset:
-            print(cache_report(preset(name), a.context, jnp.dtype(a.dtype), fmt, a.batch or 1).row())
-    if a.weights is None and a.slice is None and a.mesh is None:
-        return 0
-    axes = None
-    if a.mesh is not None:
-        try:
-            axes = parse_mesh(a.mesh)
-        except ConfigError as e:
-            ap.error(f"--mesh {a.mesh!r}: {e}")
-    hbm = None if a.hbm_gib is None else a.hbm_gib * 2 ** 30
-    for name in a.preset:
-        cfg = preset(name)
-        if not 1 <= a.context <= cfg.max_seq_len:
-            ap.error(f"--context {a.context}: must be in [1, {cfg.max_seq_len}] for the serving rows")
-        try:
-            r = inference_memory(cfg, axes, weights=a.weights or "native", cache_len=a.context, cache_batch=a.batch,
-                                 cache_format=(a.format or ["native"])[0], cache_dtype=a.dtype, slice=a.slice,
-                                 hbm_bytes=hbm)
-        except ValueError as e:
-            ap.error(str(e))
-        print()
-        print(format_inference(r, title="serving memory"))
-    return 0
-
-
-if __name__ == "__main__":
-    main()

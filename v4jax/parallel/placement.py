@@ -47,8 +47,9 @@ def quantized_sharding(q: QuantizedWeight, sharding: NamedSharding) -> Quantized
     spec = tuple(sharding.spec) + (None,) * (len(q.shape) - len(sharding.spec))
     if q.layout == "t":
         cspec = spec[:-2] + (spec[-1], spec[-2])
-    else:   # wo_a: [..., g, in, dg] -> [..., g*dg, in]
-        cspec = spec[:-3] + (spec[-3] if spec[-1] is None else None, spec[-2])
+    else:   # wo_a: [..., g, in, dg] -> [..., g*dg, in]: g*dg split over g's mesh axes, then dg's (g-major)
+        axes = tuple(a for e in (spec[-3], spec[-1]) if e is not None for a in ((e,) if isinstance(e, str) else e))
+        cspec = spec[:-3] + ((axes[0] if len(axes) == 1 else axes) if axes else None, spec[-2])
     size = lambda entry: int(np.prod([sharding.mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
     sspec = tuple(e if e is None or n % size(e) == 0 else None for e, n in zip(cspec, q.scale.shape))
     named = lambda sp: NamedSharding(sharding.mesh, P(*sp))

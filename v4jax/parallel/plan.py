@@ -6,7 +6,25 @@ one rules table ``v4jax.sharding`` on a ``jax.sharding.AbstractMesh``, so no dev
         [--cache-len 1048576 --cache-batch 256] [--hbm-gib 95] [--json out.json] \\
         [--aot [--libtpu DIR --topology v5p:8x8x4]]
 
-What is exact and what is estimated:
+Inference mode (``--inference``, ``inference_memory``): the memory of serving, per device,
+
+    v4jax-plan --preset flash --inference --weights native --slice 8xH100 [--mesh expert=8] \\
+        [--cache-len 1048576 --cache-batch 8 --cache-format native|fp8] [--compare] [--json out.json]
+
+the resident weights as the released checkpoint stores them (``native``: FP8 e4m3 codes with one
+e8m0 scale per 128x128 tile, routed experts FP4 packed two per byte with one scale per 1x32
+block, the rest bf16, the fp32 islands fp32; ``v4jax.layers.quantized.WEIGHT_FORMATS``) and
+dequantized (``bf16``), side by side, both sharded by the rules table (native codes and scales as
+``placement.quantized_sharding`` places them), the decode cache (``init_cache``, split over the
+batch axes), and the verdict against the slice's HBM (``SLICES``: ``v5p-8`` = 4 chips, ``v5p-16``
+= 8 chips, 95 GiB each; ``8xH100`` 80e9 B, ``8xH200`` 141e9 B). A slice without ``--mesh`` is
+served on ``expert=<devices>``; ``--compare`` tabulates every fsdp / expert / tensor mesh on those
+devices. Leaves split over a batch axis (``fsdp``; ``expert`` on a dense leaf: the rules table
+shards a dense leaf ZeRO-style) are all-gathered layer by layer when served: the largest layer's
+gathered share, twice (current + prefetched), is counted as a transient. Activations, compiled
+temporaries and XLA's reserved HBM are NOT counted: keep headroom.
+
+What is exact and what is estimated (training):
 
 * EXACT (from shapes and shardings): parameters, optimizer state (``jax.eval_shape(tx.init,
   params)`` of the real optimizer, ``make_optimizer``: Muon momentum for matrices, AdamW mu/nu
@@ -94,6 +112,7 @@ from jax.sharding import PartitionSpec
 
 import v4jax.params as vp
 from v4jax.config import ConfigError
+from v4jax.config import preset as model_preset
 from v4jax.layers.quantized import FP4_BLOCK, FP8_BLOCK, QuantizedWeight, weight_format
 from v4jax.model.transformer import init_cache
 from v4jax.moe.experts import (
@@ -109,7 +128,12 @@ from v4jax.parallel.mesh import (
     parse_mesh,
     replicated,
 )
-from v4jax.parallel.placement import cache_shardings, logical_specs, quantized_sharding, state_shardings
+from v4jax.parallel.placement import (
+    cache_shardings,
+    logical_specs,
+    quantized_sharding,
+    state_shardings,
+)
 from v4jax.params import abstract_variables, count_params
 from v4jax.sharding import (
     BATCH_AXES,
@@ -494,7 +518,6 @@ def make_plan(tc, mesh_axes: dict[str, int], cache_len: int | None = None, cache
 
 def _make_plan(tc, mesh_axes, cache_len, cache_batch, cache_dtype, cache_format, hbm_gib, platform) -> dict:
     import jax
-    import jax.numpy as jnp
 
     t0 = time.time()
     mesh = abstract_mesh(mesh_axes)
@@ -824,8 +847,6 @@ def inference_memory(cfg, mesh_shape: dict[str, int] | None = None, weights: str
     ``slice`` (``SLICES``) gives the HBM per device and, without ``mesh_shape``, the default
     serving mesh ``expert=<devices>``; ``hbm_bytes`` overrides the HBM. ``weights`` picks the mode
     of ``fits_selected``; both modes are always computed. Nothing is allocated."""
-    from v4jax.config import preset as model_preset
-
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
     if isinstance(cfg, str):
@@ -939,11 +960,11 @@ def format_inference(r: InferenceMemory, title: str = "v4jax-plan --inference") 
 
 
 def format_mesh_comparison(rows: list[InferenceMemory]) -> str:
-    L = [f"{'mesh':<28}{'native':>9}{'bf16':>9}{'cache':>9}{'total nat':>11}{'total bf16':>11}"
-         f"{'fits nat/bf16':>15}{'ZeRO-split':>12}   (GiB per device)"]
+    L = [(f"{'mesh':<28}{'native':>9}{'bf16':>9}{'cache':>9}{'total nat':>11}{'total bf16':>11}"
+          f"{'fits nat/bf16':>15}{'ZeRO-split':>12}   (GiB per device)")]
     for r in rows:
         mesh = ",".join(f"{a}={n}" for a, n in r.mesh.items()) or "(one device)"
-        yn = lambda m: "-" if r.fits[m] is None else ("yes" if r.fits[m] else "no")
+        yn = lambda m, r=r: "-" if r.fits[m] is None else ("yes" if r.fits[m] else "no")
         L.append(f"{mesh:<28}{_g(r.native.per_device):>9}{_g(r.bf16.per_device):>9}"
                  f"{_g(r.cache.per_device if r.cache else 0):>9}{_g(r.total_per_device['native']):>11}"
                  f"{_g(r.total_per_device['bf16']):>11}{yn('native') + ' / ' + yn('bf16'):>15}"
@@ -1253,8 +1274,8 @@ def inference_main(args, ap) -> int:
     if not 0 <= cache_len <= cfg.max_seq_len:
         ap.error(f"--cache-len {cache_len}: must be in [0, {cfg.max_seq_len}] (0: no cache)")
     hbm = None if args.slice else args.hbm_gib * GIB
-    kw = dict(weights=args.weights, cache_len=cache_len, cache_batch=args.cache_batch, cache_format=args.cache_format,
-              cache_dtype=args.cache_dtype, slice=args.slice, hbm_bytes=hbm)
+    kw = {"weights": args.weights, "cache_len": cache_len, "cache_batch": args.cache_batch,
+          "cache_format": args.cache_format, "cache_dtype": args.cache_dtype, "slice": args.slice, "hbm_bytes": hbm}
     try:
         r = inference_memory(cfg, axes, **kw)
     except ValueError as e:
